@@ -1,0 +1,79 @@
+# Query Optimization Workbook — `make run` executes the workbook, `make test` tests it.
+# Everything runs from .venv (created here, re-installed only when requirements.lock changes).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ROOTFLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+PG15_BIN ?= /usr/lib/postgresql/15/bin
+NBMAKE := --nbmake --nbmake-timeout=300
+# chapters whose behaviour depends on the server's major version (plans, DDL locks)
+VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/06_zero_downtime_migrations.ipynb
+
+.PHONY: help venv run lab test test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
+
+help:
+	@echo "make run        execute every notebook into output/ (starts the embedded PostgreSQL)"
+	@echo "make test       pytest on helpers + nbmake on every notebook"
+	@echo "make lab        JupyterLab on notebooks/ with the database ready"
+	@echo "make db-start | db-stop | db-status | db-log | reset | seed | bench | lint | clean"
+
+venv: $(STAMP)
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required, found " + sys.version.split()[0]'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+run: venv db-start
+	$(PY) -m helpers seed --if-needed
+	$(PY) -m helpers run
+
+lab: venv db-start
+	$(PY) -m helpers seed --if-needed
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(ROOTFLAG)
+
+test: venv db-start
+	$(PY) -m helpers seed --if-needed
+	$(PY) -m pytest tests notebooks $(NBMAKE)
+
+# the version-specific chapters and tests once more on PostgreSQL 15 (Debian's postgresql-15)
+test-pg15: venv
+	@test -x $(PG15_BIN)/postgres || { echo "no PostgreSQL 15 server in $(PG15_BIN) (apt-get install postgresql-15)"; exit 1; }
+	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m helpers db start
+	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m pytest tests/test_server.py tests/test_seed.py $(wildcard tests/test_plans.py) $(wildcard $(VERSIONED)) $(NBMAKE)
+	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m helpers db stop
+
+lint: venv
+	$(PY) -m ruff check helpers tests notebooks migrations
+	$(PY) -m ruff format --check helpers tests
+
+db-start: venv
+	$(PY) -m helpers db start
+db-stop: venv
+	$(PY) -m helpers db stop
+db-status: venv
+	$(PY) -m helpers db status
+db-log: venv
+	@$(PY) -m helpers db log
+seed: venv
+	$(PY) -m helpers seed $(if $(SCALE),--scale $(SCALE),)
+reset: venv
+	$(PY) -m helpers reset $(if $(SCALE),--scale $(SCALE),)
+bench: venv
+	$(PY) -m helpers bench seed --scale $(or $(SCALE),ci)
+
+lock: venv
+	$(PY) -m pip install --quiet -r requirements.in
+	{ echo "# The exact, tested set that make and CI install. Regenerate with \`make lock\` after editing requirements.in."; \
+	  $(PY) -m pip freeze --exclude-editable; } > requirements.lock
+
+clean:
+	rm -rf output .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	-$(PY) -m helpers db stop
+	rm -rf $(VENV) .pgstate

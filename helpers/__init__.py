@@ -1,0 +1,98 @@
+"""The notebook-facing toolkit of the Query Optimization Workbook.
+
+Notebooks import only the names below. The first cell of every notebook is::
+
+    from helpers import setup
+    engine = setup()
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .config import WorkbookError, settings
+from .counting import assert_max_queries, count_queries
+from .database import get_engine, is_embedded, make_engine, psycopg_conninfo, socket_url
+from .results import record
+from .seed import lab_schema
+from .timing import measure
+
+# Names owned by chapter modules, imported on first use so `import helpers` stays light and a
+# chapter's module can grow without touching this file: name -> module.
+_LAZY = {
+    "models": "helpers.models",
+    "plots": "helpers.plots",
+    "seed": "helpers.seed",
+    "server": "helpers.server",
+    "explain": "helpers.plans",
+    "compare": "helpers.plans",
+    "Scenario": "helpers.sessions",
+    "retry": "helpers.retry",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'helpers' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.endswith("." + name) else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def where() -> dict:
+    """Where the workbook database is: kind, masked URL, server version, scale and seed state."""
+    from sqlalchemy import text
+
+    from .database import database_url, masked
+    from .seed import seeded_info
+
+    engine = get_engine()
+    with engine.connect() as conn:
+        version = conn.execute(text("SHOW server_version")).scalar()
+        superuser = conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar()
+        extensions = sorted(r[0] for r in conn.execute(text("SELECT extname FROM pg_extension")))
+        preload = conn.execute(text("SHOW shared_preload_libraries")).scalar()
+    info = seeded_info(engine) or {}
+    return {
+        "kind": "embedded" if is_embedded() else "DATABASE_URL",
+        "url": masked(database_url()),
+        "server_version": version,
+        "superuser": bool(superuser),
+        "extensions": extensions,
+        "shared_preload_libraries": preload,
+        "scale": info.get("scale"),
+        "seed": info.get("seed"),
+    }
+
+
+def setup(scale: str | None = None, *, quiet: bool = False):
+    """First cell of every notebook: server up, data seeded if needed, one line saying where; returns the engine."""
+    from sqlalchemy import text
+
+    from .seed import ensure_seeded
+
+    s = settings()
+    scale = scale or s.scale
+    engine = get_engine()
+    seeded_now = ensure_seeded(engine, scale, progress=not quiet)
+    with engine.begin() as conn:
+        try:
+            with conn.begin_nested():
+                conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+        except Exception:  # noqa: BLE001 - not superuser on a shared server: chapters check and explain
+            pass
+    if not quiet:
+        w = where()
+        state = "seeded just now" if seeded_now else "already seeded"
+        print(f"workbook database: {w['kind']} PostgreSQL {w['server_version']} at {w['url']} "
+              f"| scale {scale}, seed {s.seed} ({state})")
+    return engine
+
+
+__all__ = [
+    "WorkbookError", "assert_max_queries", "compare", "count_queries", "explain", "get_engine", "is_embedded",
+    "lab_schema", "make_engine", "measure", "models", "plots", "psycopg_conninfo", "record", "retry",
+    "Scenario", "settings", "setup", "socket_url", "where",
+]

@@ -1,0 +1,98 @@
+"""Command line: ``python -m helpers db start|stop|status|url|log``, ``seed``, ``reset``, ``bench``, ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import SCALES, WorkbookError
+
+
+def _db(action: str) -> int:
+    from . import server
+    from .database import database_url, is_embedded, masked
+
+    if action in ("start", "stop", "log") and not is_embedded():
+        print(f"DATABASE_URL is set ({masked(database_url())}): the workbook starts nothing; "
+              "manage that server yourself.", file=sys.stderr)
+        return 0 if action != "log" else 1
+    if action == "start":
+        import time
+
+        t0 = time.perf_counter()
+        info = server.start()
+        database_url()  # creates the workbook database
+        print(f"PostgreSQL {info.major} running on 127.0.0.1:{info.port} (pid {info.pid}, data {info.data_dir}) "
+              f"in {time.perf_counter() - t0:.2f}s")
+    elif action == "stop":
+        print("stopped" if server.stop() else "not running")
+    elif action == "status":
+        if not is_embedded():
+            print(json.dumps({"kind": "DATABASE_URL", "url": masked(database_url()), "reachable": True}))
+        else:
+            info = server.status()
+            print(json.dumps(info.as_dict(), indent=2))
+            return 0 if info.running else 3
+    elif action == "url":
+        print(database_url().render_as_string(hide_password=False))
+    elif action == "log":
+        print(server.status().log)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    db = sub.add_parser("db", help="embedded server lifecycle")
+    db.add_argument("action", choices=["start", "stop", "status", "url", "log"])
+    sd = sub.add_parser("seed", help="build the schema and load deterministic data")
+    sd.add_argument("--scale", choices=SCALES, default=None)
+    sd.add_argument("--force", action="store_true", help="seed even beside tables the workbook did not create")
+    sd.add_argument("--if-needed", action="store_true", help="do nothing when this scale is already seeded")
+    rs = sub.add_parser("reset", help="drop what the workbook owns and seed again")
+    rs.add_argument("--scale", choices=SCALES, default=None)
+    rs.add_argument("--force", action="store_true")
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("what", choices=["seed"])
+    bench.add_argument("--scale", choices=SCALES, default="ci")
+    run = sub.add_parser("run", help="execute every notebook in order into output/")
+    run.add_argument("notebooks", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "db":
+            return _db(args.action)
+        if args.command in ("seed", "reset"):
+            from . import seed
+            from .database import get_engine
+
+            engine = get_engine()
+            if args.command == "seed" and args.if_needed:
+                done = seed.ensure_seeded(engine, args.scale, progress=True)
+                print("seeded" if done else "already seeded")
+                return 0
+            fn = seed.seed if args.command == "seed" else seed.reset
+            res = fn(engine, scale=args.scale, force=args.force, progress=True)
+            print(f"{res['scale']}: {res['rows']:,} rows in {res['seconds']:.1f}s "
+                  f"({res['rows'] / res['seconds']:,.0f} rows/s)")
+            print(res["tables"].to_string(index=False))
+            return 0
+        if args.command == "bench":
+            from .bench import bench_seed
+
+            bench_seed(args.scale)
+            return 0
+        if args.command == "run":
+            from .runner import run_notebooks
+
+            return run_notebooks(args.notebooks)
+    except WorkbookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

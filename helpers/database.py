@@ -1,0 +1,163 @@
+"""Where the workbook database is, and engines on it.
+
+``DATABASE_URL`` wins (docker-compose, a team server, a managed Postgres); otherwise the
+embedded server is started. ``WORKBOOK_DB`` replaces the database name in either case, so
+trainees sharing one server each get a database of their own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+
+from . import server
+from .config import WorkbookError, settings
+
+
+def _normalise(url: URL) -> URL:
+    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"):
+        url = url.set(drivername="postgresql+psycopg")
+    else:
+        raise WorkbookError(
+            f"DATABASE_URL uses the driver {url.drivername!r}; the workbook needs PostgreSQL through psycopg 3: "
+            "postgresql+psycopg://user:password@host:5432/dbname"
+        )
+    return url
+
+
+def is_embedded() -> bool:
+    return settings().database_url is None
+
+
+def masked(url: URL | str) -> str:
+    url = make_url(url) if isinstance(url, str) else url
+    return url.render_as_string(hide_password=True)
+
+
+@functools.cache
+def _database_url_cached(database_url: str | None, db_name: str) -> URL:
+    if database_url is None:
+        info = server.start()
+        url = make_url(server.superuser_url(db_name, info))
+        _ensure_database(url)
+        return url
+    try:
+        url = make_url(database_url)
+    except Exception:  # noqa: BLE001 - any parse error gets the same advice
+        raise WorkbookError(
+            "DATABASE_URL is not a URL SQLAlchemy can read. Expected a form like "
+            "postgresql+psycopg://user:password@localhost:5432/workbook"
+        ) from None
+    url = _normalise(url)
+    if "WORKBOOK_DB" in __import__("os").environ:
+        url = url.set(database=db_name)
+    check_connection(url)
+    return url
+
+
+def database_url() -> URL:
+    """The SQLAlchemy URL of the workbook database; starts the embedded server if needed."""
+    s = settings()
+    return _database_url_cached(s.database_url, s.db_name)
+
+
+def _libpq_kwargs(url: URL) -> dict:
+    kw = {
+        "host": url.host or "localhost",
+        "port": url.port or 5432,
+        "user": url.username,
+        "password": url.password,
+        "dbname": url.database,
+        "connect_timeout": 5,
+    }
+    kw.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def check_connection(url: URL) -> None:
+    """Connect once and turn the usual failures into one paragraph saying what to do."""
+    where = masked(url)
+    try:
+        with psycopg.connect(**_libpq_kwargs(url)):
+            return
+    except psycopg.OperationalError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        low = str(exc).lower()
+        if "password authentication failed" in low or "no password supplied" in low:
+            advice = "the user name or password is wrong. Check the credentials in DATABASE_URL."
+        elif "does not exist" in low and "database" in low:
+            advice = (
+                f"the database {url.database!r} does not exist on that server. Create it "
+                f"(`createdb {url.database}` or CREATE DATABASE) or point WORKBOOK_DB at one you own."
+            )
+        elif "connection refused" in low or "could not connect" in low or "timeout" in low or "no route" in low:
+            advice = (
+                "nothing answers there. Start that server (for docker-compose: `docker compose up -d`), "
+                "fix host/port in DATABASE_URL, or unset DATABASE_URL to use the embedded server."
+            )
+        else:
+            advice = "see the server's message above."
+        raise WorkbookError(f"Cannot connect to {where}: {msg} -- {advice}") from None
+
+
+def _ensure_database(url: URL) -> None:
+    """Create the workbook database on the embedded server when it is missing."""
+    admin = url.set(database="postgres")
+    with psycopg.connect(**_libpq_kwargs(admin), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(url.database)))
+            except psycopg.errors.DuplicateDatabase:
+                pass
+
+
+_engines: dict[str, Engine] = {}
+
+
+def get_engine() -> Engine:
+    """The shared Engine on the workbook database (one per process)."""
+    url = database_url()
+    key = url.render_as_string(hide_password=False)
+    if key not in _engines:
+        _engines[key] = create_engine(url, pool_size=5, max_overflow=10)
+    return _engines[key]
+
+
+def make_engine(database: str | None = None, **kw) -> Engine:
+    """A new Engine on the workbook database (or ``database`` on the same server) with other options.
+
+    Examples: ``make_engine(poolclass=NullPool)``, ``make_engine(isolation_level="SERIALIZABLE")``,
+    ``make_engine(echo=True)``. The caller owns it: ``engine.dispose()`` when done.
+    """
+    url = database_url()
+    if database:
+        url = url.set(database=database)
+    return create_engine(url, **kw)
+
+
+def psycopg_conninfo(database: str | None = None) -> dict:
+    """Keyword arguments for ``psycopg.connect`` on the workbook database (raw driver demos, COPY)."""
+    url = database_url()
+    if database:
+        url = url.set(database=database)
+    return _libpq_kwargs(url)
+
+
+def socket_url(database: str | None = None) -> URL | None:
+    """The same database over the embedded server's unix socket (None when DATABASE_URL is used)."""
+    if not is_embedded():
+        return None
+    info = server.status()
+    url = database_url()
+    return URL.create(
+        "postgresql+psycopg",
+        username=url.username,
+        password=url.password,
+        database=database or url.database,
+        query={"host": info.socket_dir, "port": str(info.port)},
+    )

@@ -1,0 +1,367 @@
+"""Deterministic, realistic, fast seed data — generated on the server, guarded against accidents.
+
+Every value is a function of (row number, column stream, seed) through PostgreSQL's
+``hashint8extended`` (stable across versions: hash partitioning depends on it), so the same
+scale and seed give byte-identical tables on every run and every server. Skew is built in:
+a few users own many posts (density ~ 1/sqrt(rank)), some posts are soft-deleted, and
+``users.country`` determines ``users.region`` (a correlated pair for the planner lessons).
+
+The workbook owns: the tables of ``helpers.models``, ``workbook_meta`` (the marker) and
+schemas commented ``qo-workbook`` (chapters' scratch schemas, see ``lab_schema``). Seeding and
+resets refuse to run in a database holding anything else, unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pandas as pd
+from psycopg import sql
+from sqlalchemy import Engine, text
+from sqlalchemy.schema import AddConstraint, CreateIndex, CreateTable
+
+from . import models
+from .config import WorkbookError, settings
+
+MARKER_TABLE = "workbook_meta"
+OWNER_COMMENT = "qo-workbook"
+GENERATOR_VERSION = "3"
+_LOCK_KEY = 0x514F5742  # pg_advisory_lock key serialising seeders of one database
+
+
+@dataclass(frozen=True)
+class Scale:
+    users: int
+    posts: int
+    comments: int
+    products: int
+    orders: int
+    tags: int = 60
+
+
+SCALES = {
+    "ci": Scale(users=2_000, posts=20_000, comments=60_000, products=500, orders=10_000),
+    "small": Scale(users=20_000, posts=200_000, comments=600_000, products=5_000, orders=100_000),
+    "large": Scale(users=200_000, posts=2_000_000, comments=6_000_000, products=20_000, orders=1_000_000),
+}
+
+
+def schema_version() -> str:
+    """Changes whenever the models or the generator change, so stale data is re-seeded."""
+    from sqlalchemy.dialects import postgresql
+
+    ddl = "".join(str(CreateTable(t).compile(dialect=postgresql.dialect())) for t in models.Base.metadata.sorted_tables)
+    return hashlib.sha1((ddl + GENERATOR_VERSION).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- generation SQL
+def _u(stream: int, row: str = "g") -> str:
+    """SQL for a uniform [0, 1) value of row ``row`` in column stream ``stream``, from :seed."""
+    return (
+        f"((hashint8extended(({row})::bigint, :seed * 1000 + {int(stream)}) & 9223372036854775807)::float8"
+        " / 9223372036854775808.0)"
+    )
+
+
+_COUNTRIES = [  # (country, region): skewed towards the first ones
+    ("US", "americas"), ("DE", "europe"), ("IN", "asia"), ("GB", "europe"), ("BR", "americas"),
+    ("FR", "europe"), ("JP", "asia"), ("CA", "americas"), ("NG", "africa"), ("AU", "oceania"),
+    ("ES", "europe"), ("MX", "americas"), ("KR", "asia"), ("IT", "europe"), ("ZA", "africa"),
+    ("NL", "europe"), ("AR", "americas"), ("SE", "europe"), ("KE", "africa"), ("NZ", "oceania"),
+]
+_C_ARR = "ARRAY[" + ",".join(f"'{c}'" for c, _ in _COUNTRIES) + "]"
+_R_ARR = "ARRAY[" + ",".join(f"'{r}'" for _, r in _COUNTRIES) + "]"
+_T0 = "timestamptz '2024-01-01 00:00:00+00'"
+
+LOADS: dict[str, str] = {
+    "users": f"""
+        INSERT INTO users (id, email, name, region, country, attributes, created_at)
+        SELECT g,
+               CASE WHEN g % 7 = 0 THEN 'User' || g || '@Example.com' ELSE 'user' || g || '@example.com' END,
+               'User ' || g,
+               ({_R_ARR})[ci], ({_C_ARR})[ci],
+               jsonb_build_object('plan', (ARRAY['free','free','free','pro','team'])[1 + floor({_u(2)} * 5)::int],
+                                  'newsletter', {_u(3)} < 0.3,
+                                  'score', floor({_u(4)} * 100)::int),
+               {_T0} + {_u(5)} * interval '365 days'
+        FROM (SELECT g, 1 + floor(20 * power({_u(1)}, 2))::int AS ci
+              FROM generate_series(1, :users) AS g) s""",
+    "profiles": f"""
+        INSERT INTO profiles (id, user_id, bio, website)
+        SELECT g, g, 'Bio of user ' || g || '. ' || repeat('Likes databases. ', 1 + floor({_u(11)} * 5)::int),
+               CASE WHEN {_u(12)} < 0.4 THEN 'https://example.com/~' || g END
+        FROM generate_series(1, :users) AS g WHERE {_u(10)} < 0.8""",
+    "posts": f"""
+        INSERT INTO posts (id, user_id, title, body, published, deleted_at, created_at)
+        SELECT g, 1 + floor(:users * power({_u(21)}, 2))::int,
+               'Post ' || g || ' about ' || (ARRAY['indexes','locks','pools','plans','joins','vacuum'])[1 + g % 6],
+               'Post ' || g || E'.\\n' || repeat('Lorem ipsum dolor sit amet, consectetur adipiscing elit. ',
+                                                  20 + floor({_u(22)} * 60)::int),
+               {_u(23)} < 0.7,
+               CASE WHEN {_u(24)} < 0.05 THEN created + interval '30 days' END,
+               created
+        FROM (SELECT g, {_T0} + (g::float8 / :posts) * interval '730 days' + {_u(25)} * interval '6 hours' AS created
+              FROM generate_series(1, :posts) AS g) s""",
+    "comments": f"""
+        INSERT INTO comments (id, post_id, user_id, body, created_at)
+        SELECT g, 1 + floor(:posts * power({_u(31)}, 1.5))::int, 1 + floor(:users * power({_u(32)}, 2))::int,
+               'Comment ' || g || ': ' || repeat('nice post ', 1 + floor({_u(33)} * 10)::int),
+               {_T0} + {_u(34)} * interval '730 days'
+        FROM generate_series(1, :comments) AS g""",
+    "tags": """
+        INSERT INTO tags (id, name) SELECT g, 'tag-' || lpad(g::text, 3, '0') FROM generate_series(1, :tags) AS g""",
+    "post_tags": f"""
+        INSERT INTO post_tags (post_id, tag_id)
+        SELECT p, (j - 1) * (:tags / 3) + 1 + floor((:tags / 3) * power({_u(42, "p * 3 + j")}, 2))::int
+        FROM generate_series(1, :posts) AS p CROSS JOIN generate_series(1, 3) AS j
+        WHERE j <= 1 + floor(3 * {_u(41, "p")})""",
+    "products": f"""
+        INSERT INTO products (id, sku, name, price, stock, version)
+        SELECT g, 'SKU-' || lpad(g::text, 6, '0'), 'Product ' || g,
+               round((5 + {_u(51)} * 495)::numeric, 2), floor({_u(52)} * 100)::int, 1
+        FROM generate_series(1, :products) AS g""",
+    "order_items": f"""
+        INSERT INTO order_items (id, order_id, product_id, quantity, unit_price)
+        SELECT (o - 1) * 4 + j, o, pid, 1 + floor({_u(63, "o * 4 + j")} * 5)::int,
+               round((5 + {_u(51, "pid")} * 495)::numeric, 2)
+        FROM (SELECT o, j, 1 + floor(:products * power({_u(62, "o * 4 + j")}, 2))::int AS pid
+              FROM generate_series(1, :orders) AS o CROSS JOIN generate_series(1, 4) AS j
+              WHERE j <= 1 + floor(4 * {_u(61, "o")})) s""",
+    "orders": f"""
+        INSERT INTO orders (id, user_id, status, total, created_at)
+        SELECT g, 1 + floor(:users * power({_u(71)}, 2))::int,
+               (ARRAY['paid','paid','paid','shipped','shipped','pending','cancelled'])[1 + floor({_u(72)} * 7)::int],
+               coalesce(t.total, 0), {_T0} + (g::float8 / :orders) * interval '730 days'
+        FROM generate_series(1, :orders) AS g
+        LEFT JOIN (SELECT order_id, sum(quantity * unit_price) AS total FROM order_items GROUP BY order_id) t
+               ON t.order_id = g""",
+    "accounts": f"""
+        INSERT INTO accounts (id, user_id, balance)
+        SELECT g, g, round((100 + {_u(81)} * 900)::numeric, 2) FROM generate_series(1, :users) AS g""",
+}
+# two parallel lanes of about equal work; order_items must precede orders
+_LANES = [["comments", "tags", "products", "order_items", "orders"], ["users", "profiles", "posts", "post_tags", "accounts"]]
+
+
+# ----------------------------------------------------------------------------- ownership and the guard
+def _foreign_objects(conn) -> list[str]:
+    owned = set(models.TABLES) | {MARKER_TABLE}
+    rows = conn.execute(
+        text("""
+        SELECT n.nspname, c.relname, obj_description(n.oid, 'pg_namespace') AS schema_comment
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                          AND d.objid = c.oid AND d.deptype = 'e')
+        ORDER BY 1, 2""")
+    ).all()
+    return [
+        f"{nsp}.{rel}"
+        for nsp, rel, comment in rows
+        if not ((nsp == "public" and rel in owned) or comment == OWNER_COMMENT)
+    ]
+
+
+def check_owned(conn, force: bool = False) -> None:
+    """Refuse (WorkbookError) when the database holds tables the workbook did not create."""
+    foreign = _foreign_objects(conn)
+    if foreign and not force:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        db = conn.execute(text("SELECT current_database()")).scalar()
+        raise WorkbookError(
+            f"Refusing to seed or reset database {db!r}: it holds tables the workbook did not create "
+            f"({shown}). Nothing was changed. Point the workbook at a database of its own "
+            "(WORKBOOK_DB=workbook, or another DATABASE_URL), or pass --force to seed beside them "
+            "(only the workbook's own tables are ever dropped)."
+        )
+
+
+def lab_schema(engine: Engine, name: str) -> str:
+    """Create (if missing) a scratch schema ``wb_<name>`` that the workbook owns; returns its name.
+
+    Chapters that create tables of their own put them here, so they never touch the seeded
+    data and ``reset`` can drop them without touching anything else.
+    """
+    schema = f"wb_{name}"
+    if not schema.replace("_", "").isalnum():
+        raise ValueError(f"schema name must be alphanumeric: {name!r}")
+    with engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        raw.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(sql.Identifier(schema), sql.Literal(OWNER_COMMENT)))
+    return schema
+
+
+def seeded_info(engine: Engine) -> dict | None:
+    """The marker's contents (scale, seed, schema_version, ...) or None when not seeded."""
+    with engine.connect() as conn:
+        if conn.execute(text("SELECT to_regclass(:t)"), {"t": f"public.{MARKER_TABLE}"}).scalar() is None:
+            return None
+        return dict(conn.execute(text(f"SELECT key, value FROM {MARKER_TABLE}")).all())
+
+
+def is_seeded(engine: Engine, scale: str, seed: int) -> bool:
+    info = seeded_info(engine) or {}
+    return (
+        info.get("complete") == "true"
+        and info.get("scale") == scale
+        and info.get("seed") == str(seed)
+        and info.get("schema_version") == schema_version()
+    )
+
+
+# ----------------------------------------------------------------------------- seeding
+def _drop_owned(conn, schemas: bool) -> None:
+    models.Base.metadata.drop_all(conn, checkfirst=True)
+    conn.execute(text(f"DROP TABLE IF EXISTS {MARKER_TABLE}"))
+    if schemas:
+        for (schema,) in conn.execute(
+            text("SELECT nspname FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = :c"),
+            {"c": OWNER_COMMENT},
+        ).all():
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')  # name read from the catalog
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+
+
+def seed(
+    engine: Engine,
+    scale: str | None = None,
+    seed_value: int | None = None,
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
+    """(Re)build the workbook schema and load deterministic data; returns rows per table and timings."""
+    s = settings()
+    scale = scale or s.scale
+    seed_value = s.seed if seed_value is None else seed_value
+    if scale not in SCALES:
+        raise WorkbookError(f"Unknown scale {scale!r}; use one of {', '.join(SCALES)}.")
+    sizes = SCALES[scale]
+    params = {
+        "seed": seed_value, "users": sizes.users, "posts": sizes.posts, "comments": sizes.comments,
+        "products": sizes.products, "orders": sizes.orders, "tags": sizes.tags,
+    }
+    tables = models.Base.metadata.sorted_tables
+    indexes = [ix for t in tables for ix in t.indexes]
+    fks = [fk for t in tables for fk in t.foreign_key_constraints]
+    bar = _progress(len(LOADS) + 3, progress, f"seed {scale}")
+    t0 = time.perf_counter()
+    with engine.connect() as lock_conn:
+        lock_conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+        try:
+            with engine.begin() as conn:
+                check_owned(conn, force)
+                _drop_owned(conn, schemas=False)
+                conn.execute(text(f"CREATE TABLE {MARKER_TABLE} (key text PRIMARY KEY, value text NOT NULL)"))
+                conn.execute(text(f"COMMENT ON TABLE {MARKER_TABLE} IS '{OWNER_COMMENT}'"))
+                for t in tables:  # tables with their keys; foreign keys and indexes after the load
+                    conn.execute(CreateTable(t, include_foreign_key_constraints=[]))
+                marker = {"owner": OWNER_COMMENT, "scale": scale, "seed": str(seed_value),
+                          "schema_version": schema_version(), "complete": "false"}
+                conn.execute(text(f"INSERT INTO {MARKER_TABLE} VALUES (:k, :v)"),
+                             [{"k": k, "v": v} for k, v in marker.items()])
+            if bar:
+                bar.update(1)
+
+            def run_lane(lane: list[str]) -> None:
+                with engine.begin() as conn:
+                    conn.execute(text("SET LOCAL synchronous_commit = off"))
+                    for name in lane:
+                        conn.execute(text(LOADS[name]), params)
+                        if bar:
+                            bar.update(1)
+
+            def run_ddl(stmts) -> None:
+                with engine.begin() as conn:
+                    conn.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
+                    for stmt in stmts:
+                        conn.execute(stmt)
+
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(run_lane, _LANES))
+                ix_lanes = [[CreateIndex(ix) for ix in indexes[0::2]], [CreateIndex(ix) for ix in indexes[1::2]]]
+                list(pool.map(run_ddl, ix_lanes))
+            run_ddl([AddConstraint(fk) for fk in fks])
+            with engine.begin() as conn:
+                for t in tables:  # explicit ids were inserted: move each serial sequence past them
+                    if "id" in t.c and t.c.id.primary_key:
+                        conn.execute(
+                            text(f"SELECT setval(pg_get_serial_sequence(:t, 'id'), (SELECT coalesce(max(id), 0) + 1 FROM {t.name}), false)"),
+                            {"t": t.name},
+                        )
+            if bar:
+                bar.update(1)
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("VACUUM (ANALYZE) " + ", ".join(t.name for t in tables)))
+                conn.execute(text(f"UPDATE {MARKER_TABLE} SET value = 'true' WHERE key = 'complete'"))
+                conn.execute(text(f"INSERT INTO {MARKER_TABLE} VALUES ('seeded_at', now()::text)"))
+            if bar:
+                bar.update(1)
+                bar.close()
+        finally:
+            lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+            lock_conn.commit()
+    counts = row_counts(engine)
+    return {"scale": scale, "seconds": time.perf_counter() - t0, "rows": int(counts["rows"].sum()), "tables": counts}
+
+
+def ensure_seeded(engine: Engine, scale: str | None = None, *, progress: bool = False) -> bool:
+    """Seed when the database does not hold this scale and seed yet; True when it seeded."""
+    s = settings()
+    scale = scale or s.scale
+    if is_seeded(engine, scale, s.seed):
+        return False
+    with engine.connect() as conn:  # wait for a concurrent seeder, then look again
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+        conn.commit()
+    if is_seeded(engine, scale, s.seed):
+        return False
+    seed(engine, scale, s.seed, progress=progress)
+    return True
+
+
+def reset(engine: Engine, *, force: bool = False, scale: str | None = None, progress: bool = False) -> dict:
+    """Drop everything the workbook owns (tables, marker, scratch schemas) and seed again."""
+    with engine.begin() as conn:
+        check_owned(conn, force)
+        _drop_owned(conn, schemas=True)
+    return seed(engine, scale, force=force, progress=progress)
+
+
+def row_counts(engine: Engine) -> pd.DataFrame:
+    """Rows and on-disk size (table + indexes + TOAST) of every seeded table."""
+    with engine.connect() as conn:
+        rows = []
+        for t in models.Base.metadata.sorted_tables:
+            n = conn.execute(text(f"SELECT count(*) FROM {t.name}")).scalar()
+            size = conn.execute(text("SELECT pg_total_relation_size(to_regclass(:t))"), {"t": t.name}).scalar()
+            rows.append({"table": t.name, "rows": n, "bytes": size})
+    return pd.DataFrame(rows)
+
+
+def checksum(engine: Engine) -> dict[str, str]:
+    """md5 of every seeded table's contents in primary-key order (the determinism proof)."""
+    out = {}
+    with engine.connect() as conn:
+        conn.execute(text("SET TimeZone = 'UTC'"))
+        for t in models.Base.metadata.sorted_tables:
+            order = ", ".join(c.name for c in t.primary_key.columns)
+            out[t.name] = conn.execute(
+                text(f"SELECT md5(string_agg(md5(x::text), '' ORDER BY {order})) FROM {t.name} x")
+            ).scalar()
+    return out
