@@ -12,7 +12,7 @@ import importlib
 
 from .config import WorkbookError, settings
 from .counting import assert_max_queries, count_queries
-from .database import get_engine, is_embedded, make_engine, psycopg_conninfo, socket_url
+from .database import clone_database, drop_database, get_engine, is_embedded, make_engine, psycopg_conninfo, socket_url
 from .results import record
 from .seed import lab_schema
 from .timing import measure
@@ -92,7 +92,7 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 
 
 __all__ = [
-    "WorkbookError", "assert_max_queries", "compare", "count_queries", "explain", "get_engine", "is_embedded",
+    "WorkbookError", "assert_max_queries", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
     "lab_schema", "make_engine", "measure", "models", "plots", "psycopg_conninfo", "record", "retry",
     "Scenario", "settings", "setup", "socket_url", "where",
 ]

@@ -161,3 +161,76 @@ def socket_url(database: str | None = None) -> URL | None:
         database=database or url.database,
         query={"host": info.socket_dir, "port": str(info.port)},
     )
+
+
+CLONE_COMMENT = "qo-workbook clone"
+
+
+def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
+    """A database of the chapter's own, ``<workbook db>_<suffix>``, holding a copy of the seeded data.
+
+    Chapters that change schema or data (migrations, tests) work here, never in the shared
+    database. Re-created on every call (only a database this function created is ever dropped).
+    The copy is ``CREATE DATABASE ... TEMPLATE <workbook db>``; when other sessions are connected
+    to the workbook database (PostgreSQL then refuses a template copy) it is seeded afresh, which
+    gives the same bytes because the seed is deterministic. Needs CREATEDB on a shared server.
+    """
+    import time
+
+    from sqlalchemy import text
+
+    if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix:
+        raise ValueError(f"suffix must be lower-case letters, digits, underscores: {suffix!r}")
+    base = database_url()
+    name = f"{base.database}_{suffix}"
+    drop_database(suffix)
+    # our own pooled connections to the template would block the copy
+    for eng in _engines.values():
+        eng.dispose()
+    copied = False
+    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
+        for _ in range(3):
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(base.database)))
+                copied = True
+                break
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.2)
+            except psycopg.errors.InsufficientPrivilege:
+                raise WorkbookError(
+                    f"Cannot create the scratch database {name!r}: the role {base.username!r} lacks CREATEDB. "
+                    "Ask the server's administrator for CREATEDB (ALTER ROLE ... CREATEDB) or run the chapter "
+                    "on the embedded server."
+                ) from None
+        if not copied:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
+    engine = create_engine(base.set(database=name), **(engine_kw or {}))
+    if not copied:
+        from . import seed
+
+        seed.seed(engine, force=True)
+    else:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+    return engine
+
+
+def drop_database(suffix: str) -> bool:
+    """Drop ``<workbook db>_<suffix>`` if (and only if) ``clone_database`` created it."""
+    base = database_url()
+    name = f"{base.database}_{suffix}"
+    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if row is None:
+            return False
+        if row[0] != CLONE_COMMENT:
+            raise WorkbookError(
+                f"Database {name!r} exists but was not created by the workbook; it was left untouched. "
+                "Drop or rename it yourself, or set WORKBOOK_DB to another name."
+            )
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    return True
