@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--scale", choices=SCALES, default="ci")
     run = sub.add_parser("run", help="execute every notebook in order into output/")
     run.add_argument("notebooks", nargs="*")
+    st = sub.add_parser("strip", help="remove outputs from notebooks (they are committed without)")
+    st.add_argument("notebooks", nargs="+")
     args = parser.parse_args(argv)
     try:
         if args.command == "db":
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             from .runner import run_notebooks
 
             return run_notebooks(args.notebooks)
+        if args.command == "strip":
+            from .runner import strip_outputs
+
+            return strip_outputs(args.notebooks)
     except WorkbookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
