@@ -27,6 +27,8 @@ _LAZY = {
     "explain": "helpers.plans",
     "compare": "helpers.plans",
     "Scenario": "helpers.sessions",
+    "locks": "helpers.locks",
+    "blocking": "helpers.locks",
     "retry": "helpers.retry",
 }
 
@@ -92,7 +94,7 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 
 
 __all__ = [
-    "WorkbookError", "assert_max_queries", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
-    "lab_schema", "make_engine", "measure", "models", "plots", "psycopg_conninfo", "record", "retry",
+    "WorkbookError", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
+    "lab_schema", "locks", "make_engine", "measure", "models", "plots", "psycopg_conninfo", "record", "retry",
     "Scenario", "settings", "setup", "socket_url", "where",
 ]

@@ -1,0 +1,99 @@
+"""Who holds which lock and who waits for whom: readable views of pg_locks and pg_blocking_pids.
+
+``locks()`` lists the locks of some backends (or on one relation), ``blocking()`` lists backends
+with the pids blocking them, ``strongest()`` picks the strongest table-lock mode from a list.
+The lock conflict measurements of chapter 03 live here too, below the views.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from sqlalchemy import Engine, text
+
+# The eight table-level lock modes as pg_locks names them, weakest first
+# (https://www.postgresql.org/docs/current/explicit-locking.html#LOCKING-TABLES).
+MODES = [
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+]
+
+# The four row-level lock strengths, weakest first, as written after SELECT ... .
+ROW_LOCK_MODES = ["FOR KEY SHARE", "FOR SHARE", "FOR NO KEY UPDATE", "FOR UPDATE"]
+
+_LOCKS_SQL = """
+SELECT l.pid, a.application_name, l.locktype,
+       CASE WHEN l.relation IS NOT NULL THEN l.relation::regclass::text END AS relation,
+       l.mode, l.granted, l.waitstart,
+       l.transactionid::text AS transactionid, l.virtualxid, l.page, l.tuple
+FROM pg_locks l
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.pid IS NOT NULL AND l.pid <> pg_backend_pid()
+  AND (l.database IS NULL OR l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+  AND (CAST(:all_pids AS boolean) OR l.pid = ANY(CAST(:pids AS int[])))
+  AND (CAST(:rel AS text) IS NULL OR l.relation = to_regclass(CAST(:rel AS text)))
+ORDER BY l.pid, l.granted DESC, l.locktype, relation NULLS LAST, l.mode
+"""
+
+_BLOCKING_SQL = """
+SELECT a.pid, a.application_name, a.state, a.wait_event_type, a.wait_event,
+       pg_blocking_pids(a.pid) AS blocked_by, a.query
+FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+  AND (CAST(:like AS text) IS NULL OR a.application_name LIKE CAST(:like AS text))
+ORDER BY a.pid
+"""
+
+
+def locks(engine: Engine, pids=None, relation: str | None = None) -> pd.DataFrame:
+    """Locks held or awaited by ``pids`` (all backends but this one when None), optionally on one ``relation``."""
+    pid_list = [int(p) for p in pids] if pids is not None else []
+    with engine.connect() as conn:
+        df = pd.DataFrame(
+            conn.execute(text(_LOCKS_SQL), {"all_pids": pids is None, "pids": pid_list, "rel": relation}).mappings().all(),
+            columns=["pid", "application_name", "locktype", "relation", "mode", "granted", "waitstart",
+                     "transactionid", "virtualxid", "page", "tuple"],
+        )
+    return df
+
+
+def blocking(engine: Engine, application_name_like: str | None = None) -> pd.DataFrame:
+    """Backends of this database with the pids blocking them (pg_blocking_pids).
+
+    With ``application_name_like`` (a LIKE pattern, e.g. ``'wb_scenario_%'``) every matching backend
+    is listed; without it only backends that are blocked or block someone.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(text(_BLOCKING_SQL), {"like": application_name_like}).mappings().all()
+    df = pd.DataFrame(rows, columns=["pid", "application_name", "state", "wait_event_type", "wait_event",
+                                     "blocked_by", "query"])
+    df["blocked_by"] = df["blocked_by"].map(lambda v: sorted(v or []))
+    if application_name_like is None and not df.empty:
+        blockers = {p for b in df["blocked_by"] for p in b}
+        df = df[df["blocked_by"].map(bool) | df["pid"].isin(blockers)].reset_index(drop=True)
+    return df
+
+
+def strongest(modes) -> str | None:
+    """The strongest table-lock mode among ``modes`` (pg_locks names), None when there is none."""
+    known = [m for m in modes if m in MODES]
+    return max(known, key=MODES.index) if known else None
+
+
+def lock_sql(mode: str) -> str:
+    """``AccessShareLock`` -> ``ACCESS SHARE`` (the words LOCK TABLE ... IN <mode> MODE takes)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown table lock mode {mode!r}; expected one of {MODES}")
+    words, word = [], ""
+    for ch in mode.removesuffix("Lock"):
+        if ch.isupper() and word:
+            words.append(word)
+            word = ""
+        word += ch
+    words.append(word)
+    return " ".join(words).upper()
