@@ -30,6 +30,7 @@ _LAZY = {
     "locks": "helpers.locks",
     "blocking": "helpers.locks",
     "retry": "helpers.retry",
+    "anomalies": "helpers.anomalies",
 }
 
 
@@ -94,7 +95,7 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 
 
 __all__ = [
-    "WorkbookError", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
+    "WorkbookError", "anomalies", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
     "lab_schema", "locks", "make_engine", "measure", "models", "plots", "psycopg_conninfo", "record", "retry",
     "Scenario", "settings", "setup", "socket_url", "where",
 ]

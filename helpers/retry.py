@@ -1,0 +1,86 @@
+"""Retrying a whole transaction when PostgreSQL says "try again": 40001 and 40P01.
+
+A serialization failure (``40001``) or a deadlock (``40P01``) means the transaction was rolled
+back and running it again may succeed. ``retry`` re-runs the *whole* transaction (the callable
+must open and close its own, e.g. ``with engine.begin() as conn:``) with exponential backoff and
+full jitter, a bounded number of times; any other error is raised at once::
+
+    @retry(attempts=5)
+    def transfer(engine, a, b, amount): ...
+
+    retry(transfer, attempts=5)(engine, 1, 2, 10)     # the same, as a call
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Callable
+
+RETRYABLE = frozenset({"40001", "40P01"})
+
+
+def sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a psycopg / SQLAlchemy error (following ``.orig`` and ``__cause__``), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "sqlstate", None)
+        if code:
+            return code
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for a serialization failure (40001) or a deadlock (40P01)."""
+    return sqlstate(exc) in RETRYABLE
+
+
+def backoff(attempt: int, *, base: float = 0.005, cap: float = 0.25, rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: uniform in [0, min(cap, base * 2**(attempt-1))] (full jitter)."""
+    ceiling = min(cap, base * 2 ** (attempt - 1))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def retry(
+    fn: Callable | None = None,
+    *,
+    attempts: int = 5,
+    base: float = 0.005,
+    cap: float = 0.25,
+    on_retry: Callable[[int, BaseException, float], object] | None = None,
+    rng: random.Random | None = None,
+    sleep: Callable[[float], object] = time.sleep,
+):
+    """Run ``fn`` again on 40001/40P01, at most ``attempts`` times in all, backing off with jitter.
+
+    Used bare (``@retry``), with options (``@retry(attempts=3)``) or as a call
+    (``retry(fn, attempts=3)(*args)``). ``on_retry(attempt, exc, delay)`` is called before each
+    wait. When the attempts run out the last error is raised, with a note saying how many were made.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            for attempt in range(1, attempts + 1):
+                try:
+                    return func(*args, **kwargs)
+                except Exception as exc:
+                    if not is_retryable(exc):
+                        raise
+                    if attempt == attempts:
+                        exc.add_note(f"retry: gave up after {attempts} attempts (SQLSTATE {sqlstate(exc)})")
+                        raise
+                    delay = backoff(attempt, base=base, cap=cap, rng=rng)
+                    if on_retry is not None:
+                        on_retry(attempt, exc, delay)
+                    sleep(delay)
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate
