@@ -97,3 +97,76 @@ def lock_sql(mode: str) -> str:
         word += ch
     words.append(word)
     return " ".join(words).upper()
+
+
+# -- measured lock conflicts (chapter 03) --------------------------------------------------------------
+
+def _conflicts(database: str | None, setup: list[str], hold, request, modes: list[str]) -> pd.DataFrame:
+    """Matrix requested x held: True when ``request(mode)`` fails with 55P03 while ``hold(mode)`` is held."""
+    import psycopg
+
+    from .database import psycopg_conninfo
+
+    info = psycopg_conninfo(database)
+    out = pd.DataFrame(False, index=pd.Index(modes, name="requested"), columns=pd.Index(modes, name="held"))
+    with psycopg.connect(**info, autocommit=True, application_name="wb_locks_holder") as holder, \
+         psycopg.connect(**info, autocommit=True, application_name="wb_locks_requester") as requester:
+        for stmt in setup:
+            holder.execute(stmt)
+        for held in modes:
+            holder.execute("BEGIN")
+            holder.execute("SELECT set_config('lock_timeout', %s, true)", ("2s",))
+            holder.execute(hold(held))
+            for req in modes:
+                requester.execute("BEGIN")
+                try:
+                    requester.execute(request(req))
+                except psycopg.errors.LockNotAvailable:
+                    out.loc[req, held] = True
+                finally:
+                    requester.execute("ROLLBACK")
+            holder.execute("ROLLBACK")
+    return out
+
+
+def table_conflicts(schema: str, database: str | None = None) -> pd.DataFrame:
+    """Measured 8x8 table-lock conflicts: one session holds ``LOCK TABLE ... IN <held> MODE``, another asks NOWAIT."""
+    t = f"{schema}.conflict_probe"
+    return _conflicts(database, [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)"],
+                      lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE",
+                      lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE NOWAIT", MODES)
+
+
+def row_conflicts(schema: str, database: str | None = None) -> pd.DataFrame:
+    """Measured 4x4 row-lock conflicts: ``SELECT ... <held>`` on a row, then ``SELECT ... <requested> NOWAIT``."""
+    t = f"{schema}.conflict_probe"
+    return _conflicts(database, [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)",
+                                 f"INSERT INTO {t} VALUES (1)"],
+                      lambda m: f"SELECT id FROM {t} WHERE id = 1 {m}",
+                      lambda m: f"SELECT id FROM {t} WHERE id = 1 {m} NOWAIT", ROW_LOCK_MODES)
+
+
+def locks_taken(statements: dict[str, str], setup: list[str] = (), database: str | None = None,
+                schema: str | None = None) -> pd.DataFrame:
+    """The relation locks each statement takes (run in its own rolled-back transaction): statement, relation, mode."""
+    import psycopg
+
+    from .database import psycopg_conninfo
+
+    rows = []
+    with psycopg.connect(**psycopg_conninfo(database), autocommit=True, application_name="wb_locks_taken") as conn:
+        for stmt in setup:
+            conn.execute(stmt)
+        for label, sql in statements.items():
+            conn.execute("BEGIN")
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", ("2s",))
+            conn.execute(sql)
+            got = conn.execute(
+                "SELECT c.relname, c.relkind::text, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND (%s::text IS NULL OR n.nspname = %s) "
+                "ORDER BY c.relname, l.mode", (schema, schema)).fetchall()
+            conn.execute("ROLLBACK")
+            rows += [{"statement": label, "relation": r, "kind": {"r": "table", "i": "index"}.get(k, k), "mode": m}
+                     for r, k, m in got]
+    return pd.DataFrame(rows, columns=["statement", "relation", "kind", "mode"])

@@ -45,6 +45,8 @@ Details that make a transcript the same on every run:
 - When the blocked steps form a cycle (a deadlock), it keeps waiting until PostgreSQL's deadlock
   detector breaks it (after ``deadlock_timeout``), so the victim is always decided before the next step.
 - ``Transcript.df`` also has ``issued`` (position in the permutation) and ``status`` (command tag).
+- ``finished_after`` is None for a blocked step that was not released but ended by the server
+  (40P01 deadlock victim, 55P03 lock_timeout, 57014 statement_timeout).
 - The scheduler's own connection is named ``wb_scheduler_<name>``; it runs setup/teardown and the
   pg_blocking_pids polls, and after the sessions close it waits until their backends are gone.
 """
@@ -61,6 +63,7 @@ import psycopg
 
 from .database import psycopg_conninfo
 
+_ENDED_BY_SERVER = ("40P01", "55P03", "57014")
 ISOLATION_LEVELS = ("read uncommitted", "read committed", "repeatable read", "serializable")
 _POLL_SQL = """
 SELECT p, pg_blocking_pids(p), pg_safe_snapshot_blocking_pids(p)
@@ -157,16 +160,19 @@ class Transcript:
                 who = ", ".join(r.blocked_by) or "another backend"
                 out.append((r.session, f"{step}: {_short(r.sql)}  ⏳ blocked by {who}", "blocked"))
             else:
-                head = f"{step}: {_short(r.sql)}" if not r.waited else f"{step}: … completed after {r.finished_after}"
-                out.append((r.session, f"{head}  {_outcome(r)}", "error" if r.sqlstate else ("done" if r.waited else "ok")))
+                head = f"{step}: {_short(r.sql)}"
+                if r.waited:
+                    head = f"{step}: … " + (f"completed after {r.finished_after}" if r.finished_after else "ended by the server")
+                out.append((r.session, f"{head}  {_short(_outcome(r), 60)}", "error" if r.sqlstate else ("done" if r.waited else "ok")))
         return out
 
     def __repr__(self) -> str:
         cells = self._cells()
         width = {s: max([len(s)] + [len(t) for ss, t, _ in cells if ss == s]) for s in self.sessions}
-        width = {s: min(w, 60) for s, w in width.items()}
+        width = {s: min(w, 72) for s, w in width.items()}
         lines = [f"Scenario {self.name!r}", "    " + " | ".join(s.ljust(width[s]) for s in self.sessions)]
         for i, (sess, txt, _) in enumerate(cells, 1):
+            txt = txt[:72]
             parts = [(txt if s == sess else "").ljust(width[s])[: max(width[s], len(txt)) if s == sess else width[s]]
                      for s in self.sessions]
             lines.append(f"{i:>3} " + " | ".join(parts).rstrip())
@@ -243,6 +249,7 @@ class Scenario:
         self.lock_timeout = lock_timeout
         self.statement_timeout = statement_timeout
         self.database = database
+        self.pids: dict[str, int] = {}  # session -> backend pid of the last run (for leftover checks)
         self.sessions: dict[str, dict] = {}
         self._step_session: dict[str, str] = {}
         for sname, spec in (sessions or {}).items():
@@ -299,6 +306,7 @@ class Scenario:
                 s.pid = s.conn.info.backend_pid
                 s.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wb_{self.name}_{s.name}")
             self._pids = {s.pid: s.name for s in sessions.values()}
+            self.pids = {s.name: s.pid for s in sessions.values()}
             for step in perm:
                 self._issue(step)
             for s in sessions.values():  # steps still blocked at the end: their bounds will end them
@@ -429,7 +437,9 @@ class Scenario:
         res.rows, res.status, res.error, res.sqlstate = fut.result()
         self._order += 1
         res.order = self._order
-        if res.waited:
+        if res.waited and res.sqlstate in _ENDED_BY_SERVER:
+            after = None  # not released: the deadlock detector, lock_timeout or statement_timeout ended it
+        elif res.waited:
             if after == step:  # released by something that finished meanwhile (e.g. a deadlock victim)
                 after = next((st for kind, st in reversed(self._events) if kind == "finish"), None)
             res.finished_after = after
