@@ -24,7 +24,8 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@# the checkout itself on sys.path (so the kernel imports `helpers` from any folder), no build step
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "qo_workbook.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	@touch $(STAMP)
 
 run: venv db-start

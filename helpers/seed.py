@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 from psycopg import sql
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, UniqueConstraint, text
 from sqlalchemy.schema import AddConstraint, CreateIndex, CreateTable
 
 from . import models
@@ -29,7 +29,7 @@ from .config import WorkbookError, settings
 
 MARKER_TABLE = "workbook_meta"
 OWNER_COMMENT = "qo-workbook"
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 _LOCK_KEY = 0x514F5742  # pg_advisory_lock key serialising seeders of one database
 
 
@@ -55,7 +55,7 @@ def schema_version() -> str:
     from sqlalchemy.dialects import postgresql
 
     ddl = "".join(str(CreateTable(t).compile(dialect=postgresql.dialect())) for t in models.Base.metadata.sorted_tables)
-    return hashlib.sha1((ddl + GENERATOR_VERSION).encode()).hexdigest()[:12]
+    return hashlib.sha1((ddl + "".join(LOADS.values()) + GENERATOR_VERSION).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- generation SQL
@@ -100,7 +100,7 @@ LOADS: dict[str, str] = {
         SELECT g, 1 + floor(:users * power({_u(21)}, 2))::int,
                'Post ' || g || ' about ' || (ARRAY['indexes','locks','pools','plans','joins','vacuum'])[1 + g % 6],
                'Post ' || g || E'.\\n' || repeat('Lorem ipsum dolor sit amet, consectetur adipiscing elit. ',
-                                                  20 + floor({_u(22)} * 60)::int),
+                                                  10 + floor({_u(22)} * 24)::int),
                {_u(23)} < 0.7,
                CASE WHEN {_u(24)} < 0.05 THEN created + interval '30 days' END,
                created
@@ -145,6 +145,20 @@ LOADS: dict[str, str] = {
 }
 # two parallel lanes of about equal work; order_items must precede orders
 _LANES = [["comments", "tags", "products", "order_items", "orders"], ["users", "profiles", "posts", "post_tags", "accounts"]]
+
+
+def _bare_table_ddl(table, dialect) -> str:
+    """CREATE TABLE without primary key and unique constraints: like pgbench, keys are built after the load."""
+    ddl = str(CreateTable(table, include_foreign_key_constraints=[]).compile(dialect=dialect)).strip()
+    head, body = ddl.split("(", 1)
+    lines = [ln.strip().rstrip(",").strip() for ln in body.rsplit(")", 1)[0].split("\n")]
+    cols = [ln for ln in lines if ln and not ln.startswith(("PRIMARY KEY", "UNIQUE"))]
+    return head + "(\n\t" + ",\n\t".join(cols) + "\n)"
+
+
+def _key_constraints(table) -> list:
+    keys = [table.primary_key] + [c for c in table.constraints if isinstance(c, UniqueConstraint)]
+    return [AddConstraint(c) for c in keys]
 
 
 # ----------------------------------------------------------------------------- ownership and the guard
@@ -256,10 +270,10 @@ def seed(
         "products": sizes.products, "orders": sizes.orders, "tags": sizes.tags,
     }
     tables = models.Base.metadata.sorted_tables
-    indexes = [ix for t in tables for ix in t.indexes]
     fks = [fk for t in tables for fk in t.foreign_key_constraints]
     bar = _progress(len(LOADS) + 3, progress, f"seed {scale}")
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
     with engine.connect() as lock_conn:
         lock_conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
         try:
@@ -268,8 +282,6 @@ def seed(
                 _drop_owned(conn, schemas=False)
                 conn.execute(text(f"CREATE TABLE {MARKER_TABLE} (key text PRIMARY KEY, value text NOT NULL)"))
                 conn.execute(text(f"COMMENT ON TABLE {MARKER_TABLE} IS '{OWNER_COMMENT}'"))
-                for t in tables:  # tables with their keys; foreign keys and indexes after the load
-                    conn.execute(CreateTable(t, include_foreign_key_constraints=[]))
                 marker = {"owner": OWNER_COMMENT, "scale": scale, "seed": str(seed_value),
                           "schema_version": schema_version(), "complete": "false"}
                 conn.execute(text(f"INSERT INTO {MARKER_TABLE} VALUES (:k, :v)"),
@@ -277,11 +289,17 @@ def seed(
             if bar:
                 bar.update(1)
 
+            by_name = {t.name: t for t in tables}
+            rows: dict[str, int] = {}
+
             def run_lane(lane: list[str]) -> None:
+                # each table is created in the transaction that loads it: with wal_level=minimal
+                # (the embedded server's setting) its data then skips the WAL entirely
                 with engine.begin() as conn:
                     conn.execute(text("SET LOCAL synchronous_commit = off"))
-                    for name in lane:
-                        conn.execute(text(LOADS[name]), params)
+                    for name in lane:  # keys, indexes and foreign keys after the load
+                        conn.exec_driver_sql(_bare_table_ddl(by_name[name], engine.dialect))
+                        rows[name] = conn.execute(text(LOADS[name]), params).rowcount
                         if bar:
                             bar.update(1)
 
@@ -293,9 +311,15 @@ def seed(
 
             with ThreadPoolExecutor(2) as pool:
                 list(pool.map(run_lane, _LANES))
-                ix_lanes = [[CreateIndex(ix) for ix in indexes[0::2]], [CreateIndex(ix) for ix in indexes[1::2]]]
+                stages["load"] = time.perf_counter() - t0
+                # keys and indexes, largest tables first, dealt to two lanes
+                ddl = [(t.name, stmt) for t in sorted(tables, key=lambda t: -rows.get(t.name, 0))
+                       for stmt in _key_constraints(t) + [CreateIndex(ix) for ix in t.indexes]]
+                ix_lanes = [[stmt for _, stmt in ddl[0::2]], [stmt for _, stmt in ddl[1::2]]]
                 list(pool.map(run_ddl, ix_lanes))
+                stages["indexes"] = time.perf_counter() - t0 - sum(stages.values())
             run_ddl([AddConstraint(fk) for fk in fks])
+            stages["foreign_keys"] = time.perf_counter() - t0 - sum(stages.values())
             with engine.begin() as conn:
                 for t in tables:  # explicit ids were inserted: move each serial sequence past them
                     if "id" in t.c and t.c.id.primary_key:
@@ -305,8 +329,16 @@ def seed(
                         )
             if bar:
                 bar.update(1)
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(text("VACUUM (ANALYZE) " + ", ".join(t.name for t in tables)))
+
+            def vacuum(names: list[str]) -> None:
+                with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.execute(text("VACUUM (ANALYZE) " + ", ".join(names)))
+
+            big_first = sorted(rows, key=lambda n: -rows[n])
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(vacuum, [big_first[0::2], big_first[1::2]]))
+            stages["vacuum_analyze"] = time.perf_counter() - t0 - sum(stages.values())
+            with engine.begin() as conn:
                 conn.execute(text(f"UPDATE {MARKER_TABLE} SET value = 'true' WHERE key = 'complete'"))
                 conn.execute(text(f"INSERT INTO {MARKER_TABLE} VALUES ('seeded_at', now()::text)"))
             if bar:
@@ -315,8 +347,9 @@ def seed(
         finally:
             lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
             lock_conn.commit()
-    counts = row_counts(engine)
-    return {"scale": scale, "seconds": time.perf_counter() - t0, "rows": int(counts["rows"].sum()), "tables": counts}
+    counts = pd.DataFrame({"table": list(rows), "rows": list(rows.values())})
+    return {"scale": scale, "seconds": time.perf_counter() - t0, "rows": int(counts["rows"].sum()),
+            "tables": counts, "stages": stages}
 
 
 def ensure_seeded(engine: Engine, scale: str | None = None, *, progress: bool = False) -> bool:

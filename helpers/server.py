@@ -352,6 +352,11 @@ max_connections = 200
 shared_buffers = '256MB'
 maintenance_work_mem = '256MB'
 work_mem = '16MB'
+# no replication on a workbook server: tables created or truncated in the loading transaction skip WAL
+wal_level = 'minimal'
+max_wal_senders = 0
+max_wal_size = '4GB'
+checkpoint_timeout = '15min'
 shared_preload_libraries = 'pg_stat_statements, auto_explain'
 pg_stat_statements.track = 'top'
 pg_stat_statements.max = 10000
