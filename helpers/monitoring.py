@@ -1,0 +1,397 @@
+"""Watching database work in production: slow-query logging, per-request metrics, pg_stat_* readers.
+
+* ``SlowQueryLog``: ``before_cursor_execute`` / ``after_cursor_execute`` timing with a threshold,
+  done right (a per-connection stack in ``conn.info``, cleaned up on errors too).
+* ``DoubleExecutingTimer``: the widely copied broken variant that calls ``cursor.execute`` inside
+  ``before_cursor_execute`` so every statement runs twice; kept to measure the damage.
+* ``QueryMetricsMiddleware``: per-request statement count and database time for any WSGI app,
+  exposed as ``X-DB-Queries`` / ``X-DB-Time-ms`` response headers; ``wsgi_get`` is a tiny test client.
+* ``top_statements`` / ``reset_statements``: pg_stat_statements for one database only.
+* ``PrometheusMetrics``: request, statement and pool metrics in the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import Engine, event, select, text
+from sqlalchemy.orm import Session, selectinload
+
+from . import models
+
+LOG = logging.getLogger("helpers.monitoring")
+
+
+# ----------------------------------------------------------------------------- slow-query log
+@dataclass
+class SlowQuery:
+    sql: str
+    parameters: object
+    duration_s: float
+
+
+@dataclass
+class SlowQueryLog:
+    """Times every statement with before/after_cursor_execute; keeps (and logs) those above ``threshold_s``."""
+
+    engine: Engine
+    threshold_s: float
+    logger: logging.Logger = LOG
+    seen: int = 0
+    slow: list[SlowQuery] = field(default_factory=list)
+
+    _KEY = "wb_query_start"
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany):
+        conn.info.setdefault(self._KEY, []).append(time.perf_counter())
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany):
+        elapsed = time.perf_counter() - conn.info[self._KEY].pop()
+        self.seen += 1
+        if elapsed >= self.threshold_s:
+            self.slow.append(SlowQuery(statement, parameters, elapsed))
+            self.logger.warning("slow query (%.1f ms): %s", elapsed * 1e3, " ".join(statement.split())[:200])
+
+    def _error(self, ctx):
+        # after_cursor_execute is not called when the statement fails: drop its start time
+        if ctx.connection is not None and ctx.cursor is not None:
+            stack = ctx.connection.info.get(self._KEY)
+            if stack:
+                stack.pop()
+
+    def install(self) -> SlowQueryLog:
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        event.listen(self.engine, "after_cursor_execute", self._after)
+        event.listen(self.engine, "handle_error", self._error)
+        return self
+
+    def remove(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+        event.remove(self.engine, "handle_error", self._error)
+
+    def __enter__(self) -> SlowQueryLog:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @property
+    def df(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            [{"duration_ms": q.duration_s * 1e3, "sql": " ".join(q.sql.split())[:120]} for q in self.slow],
+            columns=["duration_ms", "sql"],
+        )
+
+
+@dataclass
+class DoubleExecutingTimer:
+    """The broken, widely copied timer: it runs the statement itself inside before_cursor_execute.
+
+    SQLAlchemy then executes the statement again, so every statement reaches the server twice
+    (an INSERT inserts twice). ``extra_executions`` counts the hidden executions.
+    """
+
+    engine: Engine
+    timings: list[float] = field(default_factory=list)
+    extra_executions: int = 0
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany):
+        if executemany:
+            return
+        t0 = time.perf_counter()
+        cursor.execute(statement, parameters)  # the bug: the driver runs it now, and again after this hook
+        self.extra_executions += 1
+        self.timings.append(time.perf_counter() - t0)
+
+    def __enter__(self) -> DoubleExecutingTimer:
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+
+
+# ----------------------------------------------------------------------------- per-request metrics
+@dataclass
+class RequestStats:
+    method: str
+    path: str
+    status: int
+    queries: int = 0
+    db_time_s: float = 0.0
+    wall_s: float = 0.0
+
+
+_CURRENT: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar("wb_request_stats", default=None)
+
+
+class QueryMetricsMiddleware:
+    """WSGI middleware: counts the statements and database time of each request; adds response headers.
+
+    Headers ``X-DB-Queries`` and ``X-DB-Time-ms``; ``on_request(stats)`` is called after each request
+    (e.g. ``PrometheusMetrics.observe``). The body is buffered so the headers can carry the totals.
+    """
+
+    _KEY = "wb_request_start"
+
+    def __init__(self, app: Callable, engine: Engine, on_request: Callable[[RequestStats], None] | None = None):
+        self.app = app
+        self.engine = engine
+        self.on_request = on_request
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+
+    def close(self) -> None:
+        """Remove the engine listeners."""
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany):
+        if _CURRENT.get() is not None:
+            conn.info.setdefault(self._KEY, []).append(time.perf_counter())
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany):
+        stats = _CURRENT.get()
+        stack = conn.info.get(self._KEY)
+        if stats is not None and stack:
+            stats.queries += 1
+            stats.db_time_s += time.perf_counter() - stack.pop()
+
+    def __call__(self, environ, start_response):
+        stats = RequestStats(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/"), 0)
+        token = _CURRENT.set(stats)
+        t0 = time.perf_counter()
+        captured: dict = {}
+
+        def capture(status, headers, exc_info=None):
+            captured["status"], captured["headers"] = status, list(headers)
+            return lambda data: None
+
+        try:
+            result = self.app(environ, capture)
+            try:
+                body = b"".join(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+        finally:
+            _CURRENT.reset(token)
+        stats.wall_s = time.perf_counter() - t0
+        stats.status = int(captured["status"].split()[0])
+        headers = captured["headers"] + [
+            ("X-DB-Queries", str(stats.queries)),
+            ("X-DB-Time-ms", f"{stats.db_time_s * 1e3:.2f}"),
+        ]
+        if self.on_request:
+            self.on_request(stats)
+        start_response(captured["status"], headers)
+        return [body]
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def wsgi_get(app: Callable, path: str, query: str = "") -> Response:
+    """A minimal WSGI test client: GET ``path`` and return status, headers and body."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(environ)
+    out: dict = {}
+
+    def start_response(status, headers, exc_info=None):
+        out["status"], out["headers"] = int(status.split()[0]), dict(headers)
+        return lambda data: None
+
+    body = b"".join(app(environ, start_response))
+    return Response(out["status"], out["headers"], body)
+
+
+def blog_app(engine: Engine, limit: int = 20) -> Callable:
+    """A tiny plain-WSGI app: ``/posts`` (lazy authors: N+1), ``/posts-fixed`` (selectinload), ``/health``."""
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/health":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+        if path not in ("/posts", "/posts-fixed"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found"]
+        stmt = select(models.Post).where(models.Post.published).order_by(models.Post.id.desc()).limit(limit)
+        if path == "/posts-fixed":
+            stmt = stmt.options(selectinload(models.Post.author))
+        with Session(engine) as session:
+            posts = session.scalars(stmt).all()
+            payload = [{"id": p.id, "title": p.title, "author": p.author.name} for p in posts]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(payload).encode()]
+
+    return app
+
+
+# ----------------------------------------------------------------------------- pg_stat_statements
+def database_oid(engine: Engine, database: str | None = None) -> int:
+    """The oid of ``database`` (default: the engine's own database)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            text("SELECT oid FROM pg_database WHERE datname = coalesce(:db, current_database())"), {"db": database}
+        ).scalar_one()
+
+
+def reset_statements(engine: Engine, database: str | None = None) -> None:
+    """Reset pg_stat_statements for ONE database only (never the whole cluster); needs superuser."""
+    with engine.connect() as conn:
+        conn.execute(
+            text("SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database "
+                 "WHERE datname = coalesce(:db, current_database())), 0)"),
+            {"db": database},
+        )
+        conn.commit()
+
+
+def top_statements(
+    engine: Engine, database: str | None = None, *, order_by: str = "total_ms", limit: int = 10, like: str | None = None
+) -> pd.DataFrame:
+    """pg_stat_statements rows of one database: calls, total/mean time, rows, cache hits; top ``limit``."""
+    if order_by not in ("total_ms", "calls", "mean_ms", "rows"):
+        raise ValueError(f"order_by must be total_ms, calls, mean_ms or rows, not {order_by!r}")
+    sql = f"""
+        SELECT s.queryid, s.calls, s.total_exec_time AS total_ms, s.mean_exec_time AS mean_ms, s.rows,
+               s.shared_blks_hit, s.shared_blks_read, regexp_replace(s.query, '\\s+', ' ', 'g') AS query
+        FROM pg_stat_statements s
+        JOIN pg_database d ON d.oid = s.dbid
+        WHERE d.datname = coalesce(:db, current_database())
+          AND (CAST(:like AS text) IS NULL OR s.query ILIKE :like)
+          AND s.query NOT ILIKE '%pg_stat_statements%'
+        ORDER BY {order_by} DESC, s.queryid
+        LIMIT :limit
+    """
+    with engine.connect() as conn:
+        return pd.read_sql_query(text(sql), conn, params={"db": database, "like": like, "limit": limit})
+
+
+# ----------------------------------------------------------------------------- auto_explain
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def log_size(path: str | Path) -> int:
+    """Current size of the server log (read the log from here on)."""
+    return Path(path).stat().st_size
+
+
+def auto_explain_plans(path: str | Path, since: int, marker: str) -> list[dict]:
+    """JSON plans that auto_explain (log_format json) wrote to the server log after byte ``since``,
+    for statements containing ``marker``: dicts with ``duration_ms`` and ``plan``."""
+    with open(path, "rb") as fh:
+        fh.seek(since)
+        lines = fh.read().decode(errors="replace").splitlines()
+    entries: list[list[str]] = []
+    for line in lines:
+        if _LOG_LINE.match(line):
+            entries.append([line])
+        elif entries:
+            entries[-1].append(line)
+    plans = []
+    for entry in entries:
+        head = entry[0]
+        m = re.search(r"duration: ([\d.]+) ms\s+plan:", head)
+        if not m:
+            continue
+        body = "\n".join(entry[1:])
+        try:
+            plan = json.loads(body)
+        except ValueError:
+            continue
+        if marker in plan.get("Query Text", ""):
+            plans.append({"duration_ms": float(m.group(1)), "plan": plan})
+    return plans
+
+
+def plan_nodes(plan: dict) -> list[str]:
+    """Node types of a JSON plan, depth first."""
+    out = []
+
+    def walk(node):
+        out.append(node["Node Type"])
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan["Plan"])
+    return out
+
+
+# ----------------------------------------------------------------------------- Prometheus
+class PrometheusMetrics:
+    """Request, statement and pool metrics in a registry of their own; ``.text()`` is the exposition."""
+
+    def __init__(self, engine: Engine | None = None, buckets: Iterable[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("app_requests", "HTTP requests", ["path", "status"], registry=self.registry)
+        self.statements = Counter("app_db_statements", "SQL statements sent", ["path"], registry=self.registry)
+        self.db_time = Histogram("app_db_time_seconds", "database time per request", ["path"],
+                                 buckets=tuple(buckets), registry=self.registry)
+        if engine is not None:
+            self.registry.register(_PoolCollector(engine))
+
+    def observe(self, stats: RequestStats) -> None:
+        """Record one request (pass as ``QueryMetricsMiddleware(on_request=...)``)."""
+        self.requests.labels(stats.path, str(stats.status)).inc()
+        self.statements.labels(stats.path).inc(stats.queries)
+        self.db_time.labels(stats.path).observe(stats.db_time_s)
+
+    def text(self) -> str:
+        """The Prometheus text exposition format, as a /metrics endpoint would serve it."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+    def samples(self) -> pd.DataFrame:
+        """Every sample of the registry (name, labels, value), parsed back from the text format."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        rows = [
+            {"name": s.name, "labels": dict(s.labels), "value": s.value}
+            for fam in text_string_to_metric_families(self.text())
+            for s in fam.samples
+        ]
+        return pd.DataFrame(rows, columns=["name", "labels", "value"])
+
+
+class _PoolCollector:
+    """Gauges read from the engine's QueuePool at scrape time."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        pool = self.engine.pool
+        for name, doc, fn in [
+            ("db_pool_size", "configured pool size", "size"),
+            ("db_pool_checked_out", "connections in use", "checkedout"),
+            ("db_pool_checked_in", "idle connections in the pool", "checkedin"),
+            ("db_pool_overflow", "connections beyond pool_size", "overflow"),
+        ]:
+            if hasattr(pool, fn):
+                yield GaugeMetricFamily(name, doc, value=float(getattr(pool, fn)()))
