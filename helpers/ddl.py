@@ -1,0 +1,435 @@
+"""The DDL lock observatory and a bounded load generator (chapter 06, zero-downtime migrations).
+
+``observe_ddl`` runs one DDL statement in a transaction held open on purpose and asks the server
+what it holds (pg_locks, through ``helpers.locks``), whether a concurrent reader and writer are
+blocked (``lock_timeout`` expires with SQLSTATE 55P03: the server decides, not a sleep), whether
+the table was rewritten (relfilenode changed) and scanned (pg_stat_xact_user_tables).
+``CREATE INDEX CONCURRENTLY`` cannot run in a transaction: it is observed while it waits behind an
+open writer. ``Load`` keeps reading and writing while a migration runs and reports every
+operation's wait, so the longest wait and the throughput over time can be read off.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import psycopg
+from sqlalchemy import Engine
+
+from .database import psycopg_conninfo
+from .locks import locks, strongest
+
+APP = "wb_migrations"  # application_name prefix of every connection this module opens
+PARENT_ROWS = 1_000
+CHILD_ROWS = 20_000
+
+
+def conninfo(engine: Engine, app: str = APP) -> dict:
+    """psycopg.connect keyword arguments for the database of ``engine``, tagged with an application_name."""
+    kw = psycopg_conninfo(engine.url.database)
+    kw["application_name"] = app
+    return kw
+
+
+def server_version_num(engine: Engine) -> int:
+    """``server_version_num`` of the server behind ``engine`` (e.g. 180001)."""
+    with psycopg.connect(**conninfo(engine)) as conn:
+        return int(conn.execute("SHOW server_version_num").fetchone()[0])
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, poll_s: float = 0.01) -> bool:
+    """Ask ``predicate`` (a question to the server) until it is true; False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return False
+
+
+def blocked_by(engine: Engine, pid: int) -> list[int]:
+    """pg_blocking_pids(pid): the backends ``pid`` is waiting for (empty when it is not waiting)."""
+    with psycopg.connect(**conninfo(engine, APP + "_observer"), autocommit=True) as conn:
+        return list(conn.execute("SELECT pg_blocking_pids(%s)", (pid,)).fetchone()[0] or [])
+
+
+# ----------------------------------------------------------------------------- the demo tables
+def demo_tables(engine: Engine, schema: str) -> tuple[str, str]:
+    """(Re)create ``schema.parent`` and ``schema.child`` (CHILD_ROWS rows, no constraints between them)."""
+    parent, child = f"{schema}.parent", f"{schema}.child"
+    with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        conn.execute(f"DROP TABLE IF EXISTS {child}, {parent}")
+        conn.execute(f"CREATE TABLE {parent} (id int PRIMARY KEY, label text NOT NULL)")
+        conn.execute(f"INSERT INTO {parent} SELECT g, 'p' || g FROM generate_series(1, {PARENT_ROWS}) g")
+        conn.execute(
+            f"CREATE TABLE {child} (id int PRIMARY KEY, parent_id int NOT NULL, v int NOT NULL, n int NOT NULL, "
+            "name varchar(50) NOT NULL, filled int, extra text)"
+        )
+        conn.execute(
+            f"INSERT INTO {child} SELECT g, 1 + g % {PARENT_ROWS}, g % 100, g, 'name ' || g, g, 'x' "
+            f"FROM generate_series(1, {CHILD_ROWS}) g"
+        )
+        conn.execute(f"ANALYZE {parent}, {child}")
+    return parent, child
+
+
+@dataclass(frozen=True)
+class DDLCase:
+    sql: str  # {c} = the child table, {p} = the parent (referenced) table
+    prepare: tuple[str, ...] = ()  # run and committed before the observed statement
+    references: bool = False  # a foreign key: also report the lock on the referenced table
+    concurrent: bool = False  # CREATE INDEX CONCURRENTLY: observed while it waits, not in a transaction
+
+
+_FK = "ALTER TABLE {c} ADD CONSTRAINT child_parent_fk FOREIGN KEY (parent_id) REFERENCES {p} (id)"
+_CHECK = "ALTER TABLE {c} ADD CONSTRAINT child_v_nonneg CHECK (v >= 0) NOT VALID"
+
+#: the fifteen DDL statements of the measured table, in the order the chapter shows them
+DDL_CASES: dict[str, DDLCase] = {
+    "add_nullable_column": DDLCase("ALTER TABLE {c} ADD COLUMN note text"),
+    "add_column_const_default": DDLCase("ALTER TABLE {c} ADD COLUMN flag boolean NOT NULL DEFAULT false"),
+    "add_column_volatile_default": DDLCase("ALTER TABLE {c} ADD COLUMN r double precision DEFAULT random()"),
+    "drop_column": DDLCase("ALTER TABLE {c} DROP COLUMN extra"),
+    "set_not_null": DDLCase("ALTER TABLE {c} ALTER COLUMN filled SET NOT NULL"),
+    "add_check_not_valid": DDLCase(_CHECK),
+    "validate_check": DDLCase("ALTER TABLE {c} VALIDATE CONSTRAINT child_v_nonneg", prepare=(_CHECK,)),
+    "add_foreign_key": DDLCase(_FK, references=True),
+    "add_foreign_key_not_valid": DDLCase(_FK + " NOT VALID", references=True),
+    "validate_foreign_key": DDLCase("ALTER TABLE {c} VALIDATE CONSTRAINT child_parent_fk",
+                                    prepare=(_FK + " NOT VALID",), references=True),
+    "create_index": DDLCase("CREATE INDEX child_n_idx ON {c} (n)"),
+    "create_index_concurrently": DDLCase("CREATE INDEX CONCURRENTLY child_n_idx ON {c} (n)", concurrent=True),
+    "alter_type_int_to_bigint": DDLCase("ALTER TABLE {c} ALTER COLUMN n TYPE bigint"),
+    "alter_type_varchar_to_text": DDLCase("ALTER TABLE {c} ALTER COLUMN name TYPE text"),
+    "rename_column": DDLCase("ALTER TABLE {c} RENAME COLUMN name TO label"),
+}
+
+READ_SQL = "SELECT v FROM {c} WHERE id = 1"
+WRITE_SQL = "UPDATE {c} SET v = v + 1 WHERE id = 2"
+WRITE_REFERENCED_SQL = "UPDATE {p} SET label = label WHERE id = 1"
+
+
+def probe(engine: Engine, sql: str, lock_timeout: str = "200ms", app: str = APP + "_probe") -> dict:
+    """Run ``sql`` once in its own transaction with ``lock_timeout``; blocked = the server said 55P03."""
+    t0 = time.perf_counter()
+    with psycopg.connect(**conninfo(engine, app)) as conn:
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+        conn.execute("SELECT set_config('statement_timeout', '10s', true)")
+        try:
+            conn.execute(sql)
+            sqlstate = None
+        except psycopg.Error as exc:
+            sqlstate = exc.sqlstate
+        conn.rollback()
+    if sqlstate not in (None, "55P03"):
+        raise RuntimeError(f"probe {sql!r} failed with SQLSTATE {sqlstate}")
+    return {"blocked": sqlstate == "55P03", "sqlstate": sqlstate, "wait_s": time.perf_counter() - t0}
+
+
+def _table_state(conn, table: str) -> tuple[int, int]:
+    """(relfilenode, sequential scans of ``table`` in this transaction) as this connection sees them."""
+    return conn.execute(
+        "SELECT c.relfilenode, COALESCE(s.seq_scan, 0) FROM pg_class c "
+        "LEFT JOIN pg_stat_xact_user_tables s ON s.relid = c.oid WHERE c.oid = to_regclass(%s)",
+        (table,),
+    ).fetchone()
+
+
+def _table_locks(engine: Engine, pid: int, tables: list[str]) -> dict[str, str | None]:
+    df = locks(engine, pids=[pid])
+    df = df[(df["locktype"] == "relation") & df["granted"]]
+    return {t: strongest(df.loc[df["relation"] == t, "mode"]) for t in tables}
+
+
+def observe_ddl(engine: Engine, name: str, schema: str = "wb_migrations", lock_timeout: str = "200ms") -> dict:
+    """Measure one of DDL_CASES on fresh demo tables: locks held, reader/writer blocked, rewrite, scan."""
+    case = DDL_CASES[name]
+    parent, child = demo_tables(engine, schema)
+    sql = case.sql.format(c=child, p=parent)
+    with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
+        for stmt in case.prepare:
+            conn.execute(stmt.format(c=child, p=parent))
+    if case.concurrent:
+        return _observe_concurrent(engine, name, sql, child, lock_timeout)
+    with psycopg.connect(**conninfo(engine, APP + "_ddl")) as ddl:
+        pid = ddl.info.backend_pid
+        ddl.execute("SELECT set_config('lock_timeout', '5s', true)")
+        node_before, _ = _table_state(ddl, child)
+        t0 = time.perf_counter()
+        ddl.execute(sql)
+        ddl_s = time.perf_counter() - t0
+        node_after, scans = _table_state(ddl, child)
+        # the transaction stays open: whatever it holds now, it holds until COMMIT
+        held = _table_locks(engine, pid, [child, parent])
+        reader = probe(engine, READ_SQL.format(c=child), lock_timeout)
+        writer = probe(engine, WRITE_SQL.format(c=child), lock_timeout)
+        ref_writer = probe(engine, WRITE_REFERENCED_SQL.format(p=parent), lock_timeout) if case.references else None
+        ddl.rollback()
+    return {
+        "ddl": name,
+        "sql": sql.replace(f"{schema}.", ""),
+        "lock": held[child],
+        "blocks_reads": reader["blocked"],
+        "blocks_writes": writer["blocked"],
+        "rewrites_table": node_after != node_before,
+        "scans_table": scans > 0,
+        "referenced_table_lock": held[parent] if case.references else None,
+        "blocks_referenced_writes": ref_writer["blocked"] if ref_writer else None,
+        "ddl_ms": ddl_s * 1000,
+    }
+
+
+def _observe_concurrent(engine: Engine, name: str, sql: str, child: str, lock_timeout: str) -> dict:
+    """CREATE INDEX CONCURRENTLY, observed while it waits for an open writer transaction to end."""
+    with psycopg.connect(**conninfo(engine, APP + "_writer")) as writer:
+        writer.execute(WRITE_SQL.format(c=child).replace("id = 2", "id = 3"))  # an open writer: CIC must wait
+        with psycopg.connect(**conninfo(engine, APP + "_ddl"), autocommit=True) as ddl:
+            pid = ddl.info.backend_pid
+            node_before = ddl.execute("SELECT relfilenode FROM pg_class WHERE oid = to_regclass(%s)", (child,)).fetchone()[0]
+            ddl.execute("SET statement_timeout = '20s'")
+            outcome: dict = {}
+
+            def build():
+                t0 = time.perf_counter()
+                try:
+                    ddl.execute(sql)
+                    outcome["sqlstate"] = None
+                except psycopg.Error as exc:
+                    outcome["sqlstate"] = exc.sqlstate
+                outcome["ddl_s"] = time.perf_counter() - t0
+
+            thread = threading.Thread(target=build, daemon=True)
+            thread.start()
+            try:
+                waiting = wait_until(lambda: writer.info.backend_pid in blocked_by(engine, pid), timeout_s=10)
+                if not waiting:
+                    raise RuntimeError("CREATE INDEX CONCURRENTLY never waited for the open writer")
+                held = _table_locks(engine, pid, [child])
+                reader = probe(engine, READ_SQL.format(c=child), lock_timeout)
+                other_writer = probe(engine, WRITE_SQL.format(c=child), lock_timeout)
+            finally:
+                writer.commit()  # the build goes on once the writer's transaction is over
+                thread.join(30)
+            if outcome.get("sqlstate"):
+                raise RuntimeError(f"{sql!r} failed with SQLSTATE {outcome['sqlstate']}")
+            node_after, valid = ddl.execute(
+                "SELECT (SELECT relfilenode FROM pg_class WHERE oid = to_regclass(%s)), "
+                "(SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s))",
+                (child, child.rsplit(".", 1)[0] + ".child_n_idx"),
+            ).fetchone()
+    return {
+        "ddl": name,
+        "sql": sql.replace(child.rsplit(".", 1)[0] + ".", ""),
+        "lock": held[child],
+        "blocks_reads": reader["blocked"],
+        "blocks_writes": other_writer["blocked"],
+        "rewrites_table": node_after != node_before,
+        "scans_table": None,  # not in one transaction: pg_stat_xact_* cannot see it
+        "referenced_table_lock": None,
+        "blocks_referenced_writes": None,
+        "ddl_ms": outcome["ddl_s"] * 1000,
+        "index_valid": bool(valid),
+    }
+
+
+def ddl_table(engine: Engine, names=None, schema: str = "wb_migrations", lock_timeout: str = "200ms") -> pd.DataFrame:
+    """observe_ddl for every case (or ``names``): one row per DDL statement."""
+    rows = [observe_ddl(engine, n, schema, lock_timeout) for n in (names or DDL_CASES)]
+    with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {schema}.child, {schema}.parent")
+    return pd.DataFrame(rows).set_index("ddl")
+
+
+# ----------------------------------------------------------------------------- the load generator
+@dataclass
+class LoadResult:
+    """Every operation the load ran: start time (s from the load's start), kind, wait, SQLSTATE."""
+
+    ops: pd.DataFrame
+    duration_s: float
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def longest_wait(self, kind: str = "write") -> float:
+        """The longest single operation of ``kind`` (s): how long some user waited."""
+        part = self.ops[self.ops["kind"] == kind]
+        return float(part["wait_s"].max()) if len(part) else float("nan")
+
+    def errors(self, kind: str | None = None) -> int:
+        """Operations that ended with an error (of ``kind`` when given)."""
+        part = self.ops if kind is None else self.ops[self.ops["kind"] == kind]
+        return int(part["sqlstate"].notna().sum())
+
+    def throughput(self, bin_s: float = 0.1) -> pd.DataFrame:
+        """Completed operations per second in bins of ``bin_s``, by kind (columns t_s, kind, ops_per_s)."""
+        ops = self.ops[self.ops["sqlstate"].isna()].copy()
+        ops["t_end"] = ops["t_s"] + ops["wait_s"]
+        bins = pd.Series(range(int(self.duration_s / bin_s) + 1), dtype=float) * bin_s
+        frames = []
+        for kind in sorted(self.ops["kind"].unique()):
+            counts = (ops.loc[ops["kind"] == kind, "t_end"] // bin_s * bin_s).round(6).value_counts()
+            frames.append(pd.DataFrame({
+                "t_s": bins.round(6), "kind": kind,
+                "ops_per_s": [counts.get(round(b, 6), 0) / bin_s for b in bins],
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+
+class Load:
+    """Readers and writers on their own connections, each op a short autocommit statement, bounded in time.
+
+    ``with Load(engine, write_sql=..., read_sql=...) as load: <migrate>`` then ``load.result``.
+    The SQL takes one parameter ``%(id)s`` drawn (seeded) from ``ids``. Every op is bounded by
+    ``lock_timeout``; the whole load stops by itself after ``max_s`` seconds.
+    """
+
+    def __init__(self, engine: Engine, *, write_sql: str | None = None, read_sql: str | None = None,
+                 ids: range = range(1, 1001), writers: int = 2, readers: int = 1, rate_per_s: float = 100,
+                 max_s: float = 30.0, lock_timeout: str = "10s", seed: int = 6, app: str = APP + "_load"):
+        self.engine, self.ids, self.rate, self.max_s, self.lock_timeout, self.app = (
+            engine, ids, rate_per_s, max_s, lock_timeout, app)
+        self.plan = [("write", write_sql, seed + i) for i in range(writers if write_sql else 0)]
+        self.plan += [("read", read_sql, seed + 100 + i) for i in range(readers if read_sql else 0)]
+        self._stop = threading.Event()
+        self._ops: list[tuple] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._ready = threading.Barrier(len(self.plan) + 1)
+        self.marks: dict[str, float] = {}
+        self.result: LoadResult | None = None
+
+    def _worker(self, kind: str, sql: str, seed: int) -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(**conninfo(self.engine, self.app), autocommit=True) as conn:
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (self.lock_timeout,))
+            conn.execute("SELECT set_config('statement_timeout', '20s', false)")
+            self._ready.wait(10)
+            next_at = time.perf_counter()
+            while not self._stop.is_set() and time.perf_counter() - self.t0 < self.max_s:
+                t_start = time.perf_counter()
+                try:
+                    conn.execute(sql, {"id": rng.choice(self.ids)})
+                    sqlstate = None
+                except psycopg.Error as exc:
+                    sqlstate = exc.sqlstate
+                t_end = time.perf_counter()
+                with self._lock:
+                    self._ops.append((t_start - self.t0, kind, t_end - t_start, sqlstate))
+                next_at = max(next_at + 1 / self.rate, t_end)
+                self._stop.wait(max(0.0, next_at - time.perf_counter()))  # pacing, decides nothing
+
+    def start(self) -> Load:
+        self.t0 = time.perf_counter()
+        for kind, sql, seed in self.plan:
+            t = threading.Thread(target=self._worker, args=(kind, sql, seed), daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._ready.wait(10)
+        self.t0 = time.perf_counter()
+        return self
+
+    def mark(self, label: str) -> float:
+        """Note the time (s from the load's start) of an event, e.g. 'migration starts'."""
+        self.marks[label] = time.perf_counter() - self.t0
+        return self.marks[label]
+
+    def stop(self) -> LoadResult:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        duration = time.perf_counter() - self.t0
+        ops = pd.DataFrame(self._ops, columns=["t_s", "kind", "wait_s", "sqlstate"]).sort_values("t_s")
+        self.result = LoadResult(ops.reset_index(drop=True), duration, dict(self.marks))
+        return self.result
+
+    def __enter__(self) -> Load:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def hold_transaction(engine: Engine, statements: list[str], hold_s: float, lock_timeout: str = "10s",
+                     app: str = APP + "_migration") -> float:
+    """Run ``statements`` in one transaction kept open ``hold_s`` more seconds (a scripted window); returns s."""
+    t0 = time.perf_counter()
+    with psycopg.connect(**conninfo(engine, app)) as conn:
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+        for stmt in statements:
+            conn.execute(stmt)
+        time.sleep(hold_s)  # stands for the long part of a migration on a big table
+        conn.commit()
+    return time.perf_counter() - t0
+
+
+def migrate_with_retry(engine: Engine, statements: list[str], lock_timeout: str = "100ms", attempts: int = 50,
+                       backoff_s: float = 0.05, app: str = APP + "_migration") -> pd.DataFrame:
+    """Run ``statements`` in one transaction with a short lock_timeout, retrying on 55P03; one row per attempt."""
+    rows = []
+    for attempt in range(1, attempts + 1):
+        t0 = time.perf_counter()
+        with psycopg.connect(**conninfo(engine, app)) as conn:
+            try:
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+                for stmt in statements:
+                    conn.execute(stmt)
+                conn.commit()
+                sqlstate = None
+            except psycopg.errors.LockNotAvailable as exc:
+                conn.rollback()
+                sqlstate = exc.sqlstate
+        rows.append({"attempt": attempt, "sqlstate": sqlstate, "s": time.perf_counter() - t0})
+        if sqlstate is None:
+            break
+        time.sleep(backoff_s * min(attempt, 4))  # back off, then try again: readers got through meanwhile
+    return pd.DataFrame(rows)
+
+
+def blocked_timeline(engine: Engine, app_like: str, stop: threading.Event, t0: float, poll_s: float = 0.02,
+                     max_s: float = 30.0) -> list[tuple[float, int]]:
+    """Sample (s since t0, number of backends named like ``app_like`` that are waiting for a lock) until ``stop``."""
+    samples = []
+    with psycopg.connect(**conninfo(engine, APP + "_observer"), autocommit=True) as conn:
+        while not stop.is_set() and time.perf_counter() - t0 < max_s:
+            n = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE %s AND cardinality(pg_blocking_pids(pid)) > 0",
+                (app_like,),
+            ).fetchone()[0]
+            samples.append((time.perf_counter() - t0, int(n)))
+            stop.wait(poll_s)
+    return samples
+
+
+# ----------------------------------------------------------------------------- Alembic
+def alembic_config(engine: Engine):
+    """An Alembic Config for the project in ``migrations/``, pointed at the database of ``engine``."""
+    from alembic.config import Config
+
+    from .config import REPO_ROOT
+
+    cfg = Config(str(REPO_ROOT / "migrations" / "alembic.ini"))
+    cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    cfg.attributes["url"] = engine.url.render_as_string(hide_password=False)
+    return cfg
+
+
+def empty_database(suffix: str = "migtest") -> Engine:
+    """A new EMPTY database ``<workbook db>_<suffix>`` (dropped by ``drop_database(suffix)``), for migration tests."""
+    from psycopg import sql
+    from sqlalchemy import create_engine
+
+    from .database import CLONE_COMMENT, database_url, drop_database
+
+    drop_database(suffix)
+    base = database_url()
+    name = f"{base.database}_{suffix}"
+    with psycopg.connect(**psycopg_conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
+    return create_engine(base.set(database=name))
