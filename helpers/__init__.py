@@ -31,6 +31,7 @@ _LAZY = {
     "blocking": "helpers.locks",
     "retry": "helpers.retry",
     "anomalies": "helpers.anomalies",
+    "ddl": "helpers.ddl",
 }
 
 
@@ -95,7 +96,7 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 
 
 __all__ = [
-    "WorkbookError", "anomalies", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
+    "WorkbookError", "anomalies", "ddl", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
     "lab_schema", "locks", "make_engine", "measure", "models", "plots", "psycopg_conninfo", "record", "retry",
     "Scenario", "settings", "setup", "socket_url", "where",
 ]
