@@ -11,15 +11,23 @@ from __future__ import annotations
 import importlib
 
 from .config import WorkbookError, settings
-from .counting import assert_max_queries, count_queries
-from .database import clone_database, drop_database, get_engine, is_embedded, make_engine, psycopg_conninfo, socket_url
-from .results import record
-from .seed import lab_schema
-from .timing import measure
 
-# Names owned by chapter modules, imported on first use so `import helpers` stays light and a
-# chapter's module can grow without touching this file: name -> module.
+# Every public name is imported on first use, so `import helpers` (and `python -m helpers db ...`)
+# stays light and a chapter's module can grow without touching this file: name -> module.
 _LAZY = {
+    "assert_max_queries": "helpers.counting",
+    "count_queries": "helpers.counting",
+    "clone_database": "helpers.database",
+    "drop_database": "helpers.database",
+    "get_engine": "helpers.database",
+    "is_embedded": "helpers.database",
+    "make_engine": "helpers.database",
+    "psycopg_conninfo": "helpers.database",
+    "require_extension": "helpers.database",
+    "socket_url": "helpers.database",
+    "record": "helpers.results",
+    "lab_schema": "helpers.seed",
+    "measure": "helpers.timing",
     "models": "helpers.models",
     "plots": "helpers.plots",
     "seed": "helpers.seed",
@@ -49,7 +57,7 @@ def where() -> dict:
     """Where the workbook database is: kind, masked URL, server version, scale and seed state."""
     from sqlalchemy import text
 
-    from .database import database_url, masked
+    from .database import database_url, get_engine, is_embedded, masked
     from .seed import seeded_info
 
     engine = get_engine()
@@ -75,6 +83,7 @@ def setup(scale: str | None = None, *, quiet: bool = False):
     """First cell of every notebook: server up, data seeded if needed, one line saying where; returns the engine."""
     from sqlalchemy import text
 
+    from .database import get_engine
     from .seed import ensure_seeded
 
     s = settings()
@@ -97,6 +106,6 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 
 __all__ = [
     "WorkbookError", "anomalies", "ddl", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
-    "lab_schema", "locks", "make_engine", "measure", "models", "plots", "psycopg_conninfo", "record", "retry",
+    "lab_schema", "locks", "make_engine", "measure", "models", "require_extension", "plots", "psycopg_conninfo", "record", "retry",
     "Scenario", "settings", "setup", "socket_url", "where",
 ]

@@ -234,3 +234,45 @@ def drop_database(suffix: str) -> bool:
             )
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
     return True
+
+
+_PRELOADED = {"pg_stat_statements", "auto_explain"}
+
+
+def require_extension(engine: Engine, name: str) -> None:
+    """Make sure extension ``name`` is usable in the workbook database, or say what to do.
+
+    Creates it when missing (``CREATE EXTENSION IF NOT EXISTS``); ``auto_explain`` is a library
+    only, checked in ``shared_preload_libraries``.
+    """
+    from sqlalchemy import text
+
+    where = masked(engine.url)
+    with engine.connect() as conn:
+        preload = conn.execute(text("SHOW shared_preload_libraries")).scalar() or ""
+        if name in _PRELOADED and name not in [p.strip() for p in preload.split(",")]:
+            raise WorkbookError(
+                f"{name} is not loaded on {where}: it must be in shared_preload_libraries (now {preload!r}). "
+                f"Add it (postgresql.conf or `-c shared_preload_libraries=pg_stat_statements,auto_explain`, as "
+                "docker-compose.yml does) and restart that server, or unset DATABASE_URL to use the embedded one."
+            )
+        if name == "auto_explain":
+            return
+        available = conn.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = :n"), {"n": name}).scalar()
+        if not available:
+            raise WorkbookError(
+                f"The extension {name!r} is not available on this server ({where}): its files are not installed. "
+                "Install the server's contrib package (e.g. postgresql-contrib), or use the embedded server, "
+                "which ships it."
+            )
+        installed = conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = :n"), {"n": name}).scalar()
+        if installed:
+            return
+        try:
+            conn.exec_driver_sql(f'CREATE EXTENSION IF NOT EXISTS "{name}"')  # name checked against the catalog
+            conn.commit()
+        except Exception as exc:  # noqa: BLE001
+            raise WorkbookError(
+                f"Cannot create the extension {name!r} in {where}: {str(exc).splitlines()[0]}. Ask the server's "
+                f"administrator to run CREATE EXTENSION {name} in this database."
+            ) from None

@@ -1,0 +1,63 @@
+"""Shared fixtures: the workbook engine, and throwaway servers/databases for tests that need their own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from helpers import setup
+
+    return setup(quiet=True)
+
+
+def run_helpers(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """``python -m helpers ...`` in a fresh process (settings are read from its environment)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WORKBOOK_") and k != "DATABASE_URL"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "helpers", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def state_dir():
+    """A private state folder for a server of the test's own (readable by the server user as root)."""
+    path = Path(tempfile.mkdtemp(prefix="qowb-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    run_helpers("db", "stop", env={"WORKBOOK_STATE": str(path)})
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch_db(engine):
+    """An empty database of the test's own on the workbook server; dropped afterwards."""
+    from helpers.database import _libpq_kwargs, database_url
+
+    base = database_url()
+    names = []
+
+    def make(suffix: str) -> str:
+        name = f"{base.database}_t_{suffix}"
+        with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        names.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
