@@ -44,7 +44,7 @@ def _plain(value):
 
 
 def _meta() -> dict:
-    meta = {"scale": settings().scale, "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    meta = {"scale": settings().scale, "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     try:
         from sqlalchemy import text
 

@@ -1,0 +1,130 @@
+"""The seed: byte-identical data, the schema of helpers.models, and the safety guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_helpers
+from sqlalchemy import text
+
+from helpers import make_engine, seed
+from helpers.models import TABLES, Base
+
+GOLDEN = Path(__file__).resolve().parent.parent / "data" / "seed_checksums_ci.json"
+
+SCHEMA_SQL = """
+SELECT 'col' AS kind, table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable
+       || ' ' || coalesce(column_default, '') AS what
+FROM information_schema.columns WHERE table_schema = 'public' AND table_name = ANY(:tables)
+UNION ALL
+SELECT 'con', conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND conrelid <> 0
+  AND conrelid::regclass::text = ANY(:tables)
+UNION ALL
+SELECT 'idx', indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY(:tables)
+ORDER BY 1, 2
+"""
+
+
+def test_seed_is_byte_identical_and_matches_golden(scratch_db):
+    db = scratch_db("seed_det")
+    eng = make_engine(database=db)
+    try:
+        first = seed.seed(eng, "ci", 42)
+        sums1 = seed.checksum(eng)
+        seed.seed(eng, "ci", 42)
+        sums2 = seed.checksum(eng)
+        other = seed.seed(eng, "ci", 7)
+        sums3 = seed.checksum(eng)
+    finally:
+        eng.dispose()
+    assert sums1 == sums2, "same scale and seed must give byte-identical tables"
+    assert sums3 != sums1, "another seed must give other data"
+    assert first["rows"] > 150_000 and other["rows"] > 150_000
+    golden = json.loads(GOLDEN.read_text())
+    assert sums1 == golden, "seed changed: if intended, regenerate data/seed_checksums_ci.json (see its README note)"
+
+
+def test_seeded_schema_equals_models(scratch_db, engine):
+    """Keys and indexes are built after the load; the result must equal metadata.create_all."""
+    db = scratch_db("schema_ref")
+    ref = make_engine(database=db)
+    try:
+        Base.metadata.create_all(ref)
+        with ref.connect() as c:
+            want = c.execute(text(SCHEMA_SQL), {"tables": TABLES}).all()
+    finally:
+        ref.dispose()
+    with engine.connect() as c:
+        got = c.execute(text(SCHEMA_SQL), {"tables": TABLES}).all()
+    assert got == want
+
+
+def test_data_is_realistic(engine):
+    with engine.connect() as c:
+        top_share = c.execute(text("""
+            SELECT max(n)::float / sum(n) FROM (SELECT count(*) AS n FROM posts GROUP BY user_id) s""")).scalar()
+        deleted = c.execute(text("SELECT avg((deleted_at IS NOT NULL)::int) FROM posts")).scalar()
+        regions_per_country = c.execute(text(
+            "SELECT max(k) FROM (SELECT count(DISTINCT region) k FROM users GROUP BY country) s")).scalar()
+        unindexed = c.execute(text("""
+            SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+            WHERE i.indrelid = 'comments'::regclass AND a.attname = 'user_id'""")).scalar()
+    assert top_share > 0.01, "a few users must own many posts"
+    assert 0.02 < deleted < 0.1, "some posts are soft-deleted"
+    assert regions_per_country == 1, "country determines region (the correlated pair)"
+    assert unindexed == 0, "comments.user_id stays unindexed for the EXPLAIN chapter"
+
+
+def test_ensure_seeded_is_idempotent(engine):
+    assert seed.ensure_seeded(engine, "ci") is False
+
+
+def test_guard_refuses_foreign_tables_and_keeps_them(scratch_db):
+    db = scratch_db("guard")
+    eng = make_engine(database=db)
+    try:
+        with eng.begin() as c:
+            c.execute(text("CREATE TABLE customer_data (id int PRIMARY KEY, secret text)"))
+            c.execute(text("INSERT INTO customer_data VALUES (1, 'precious')"))
+        for args in (["seed", "--scale", "ci"], ["reset"]):
+            res = run_helpers(*args, env={"WORKBOOK_DB": db})
+            assert res.returncode == 2, res.stdout + res.stderr
+            assert "Refusing to seed or reset" in res.stderr and "public.customer_data" in res.stderr
+            assert "Traceback" not in res.stderr
+        with eng.connect() as c:
+            assert c.execute(text("SELECT secret FROM customer_data")).all() == [("precious",)]
+            assert c.execute(text("SELECT to_regclass('users')")).scalar() is None, "nothing may be created"
+        # --force seeds beside them and still never drops them
+        res = run_helpers("seed", "--scale", "ci", "--force", env={"WORKBOOK_DB": db})
+        assert res.returncode == 0, res.stderr
+        with eng.connect() as c:
+            assert c.execute(text("SELECT secret FROM customer_data")).all() == [("precious",)]
+            assert c.execute(text("SELECT count(*) FROM users")).scalar() > 0
+    finally:
+        eng.dispose()
+
+
+def test_reset_drops_only_what_the_workbook_owns(scratch_db):
+    from helpers import lab_schema
+
+    db = scratch_db("reset")
+    eng = make_engine(database=db)
+    try:
+        seed.seed(eng, "ci")
+        schema = lab_schema(eng, "scratch")
+        with eng.begin() as c:
+            c.execute(text(f"CREATE TABLE {schema}.demo (x int)"))
+            c.execute(text("CREATE SCHEMA mine"))
+            c.execute(text("CREATE TABLE mine.keep (x int)"))
+        with pytest.raises(Exception, match="Refusing"):
+            seed.reset(eng)  # mine.keep is not the workbook's
+        seed.reset(eng, force=True)
+        with eng.connect() as c:
+            assert c.execute(text("SELECT to_regclass('wb_scratch.demo')")).scalar() is None
+            assert c.execute(text("SELECT to_regclass('mine.keep')")).scalar() == "mine.keep"
+            assert seed.is_seeded(eng, "ci", 42)
+    finally:
+        eng.dispose()
