@@ -268,9 +268,13 @@ def reset_statements(engine: Engine, database: str | None = None) -> None:
 
 
 def top_statements(
-    engine: Engine, database: str | None = None, *, order_by: str = "total_ms", limit: int = 10, like: str | None = None
+    engine: Engine, database: str | None = None, *, order_by: str = "total_ms", limit: int = 10,
+    like: str | None = None, utility: bool = False,
 ) -> pd.DataFrame:
-    """pg_stat_statements rows of one database: calls, total/mean time, rows, cache hits; top ``limit``."""
+    """pg_stat_statements rows of one database: calls, total/mean time, rows, cache hits; top ``limit``.
+
+    ``utility=False`` leaves out transaction control, SET/SHOW, DEALLOCATE and the reads of pg_stat_statements itself.
+    """
     if order_by not in ("total_ms", "calls", "mean_ms", "rows"):
         raise ValueError(f"order_by must be total_ms, calls, mean_ms or rows, not {order_by!r}")
     sql = f"""
@@ -280,12 +284,13 @@ def top_statements(
         JOIN pg_database d ON d.oid = s.dbid
         WHERE d.datname = coalesce(:db, current_database())
           AND (CAST(:like AS text) IS NULL OR s.query ILIKE :like)
-          AND s.query NOT ILIKE '%pg_stat_statements%'
+          AND (:utility OR (s.query NOT ILIKE '%pg_stat_statements%'
+               AND s.query !~* '^\\s*(BEGIN|COMMIT|ROLLBACK|SET|SHOW|LOAD|RESET|SAVEPOINT|RELEASE|DEALLOCATE|DISCARD)\\M'))
         ORDER BY {order_by} DESC, s.queryid
         LIMIT :limit
     """
     with engine.connect() as conn:
-        return pd.read_sql_query(text(sql), conn, params={"db": database, "like": like, "limit": limit})
+        return pd.read_sql_query(text(sql), conn, params={"db": database, "like": like, "limit": limit, "utility": utility})
 
 
 # ----------------------------------------------------------------------------- auto_explain
