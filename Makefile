@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ROOTFLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PG15_BIN ?= /usr/lib/postgresql/15/bin
+export PLOOMBER_STATS_ENABLED := false
 NBMAKE := --nbmake --nbmake-timeout=300
 # chapters whose behaviour depends on the server's major version (plans, DDL locks)
 VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/06_zero_downtime_migrations.ipynb
@@ -70,6 +71,7 @@ lock: venv
 	$(PY) -m pip install --quiet -r requirements.in
 	{ echo "# The exact, tested set that make and CI install. Regenerate with \`make lock\` after editing requirements.in."; \
 	  $(PY) -m pip freeze --exclude-editable; } > requirements.lock
+	$(PY) -m helpers lock-env
 
 clean:
 	rm -rf output .pytest_cache .ruff_cache

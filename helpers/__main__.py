@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--scale", choices=SCALES, default="ci")
     run = sub.add_parser("run", help="execute every notebook in order into output/")
     run.add_argument("notebooks", nargs="*")
+    sub.add_parser("lock-env", help="write environment.yml from requirements.lock")
     st = sub.add_parser("strip", help="remove outputs from notebooks (they are committed without)")
     st.add_argument("notebooks", nargs="+")
     args = parser.parse_args(argv)
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             from .runner import run_notebooks
 
             return run_notebooks(args.notebooks)
+        if args.command == "lock-env":
+            from .runner import write_environment_yml
+
+            write_environment_yml()
+            return 0
         if args.command == "strip":
             from .runner import strip_outputs
 

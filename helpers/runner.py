@@ -71,3 +71,23 @@ def strip_outputs(paths: list[str]) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(run_notebooks(sys.argv[1:]))
+
+
+def write_environment_yml() -> None:
+    """environment.yml for conda users: the exact pins of requirements.lock under pip."""
+    lock = REPO_ROOT / "requirements.lock"
+    pins = [ln.strip() for ln in lock.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    out = [
+        "# The same exact set as requirements.lock, for conda users:",
+        "#   conda env create -f environment.yml && conda activate qo-workbook",
+        "# then run the notebooks with `python -m helpers run` (or `make run PYTHON=python`).",
+        "# Kept in sync by `make lock`; tests/test_repo.py checks both list the same packages.",
+        "name: qo-workbook",
+        "channels:",
+        "  - conda-forge",
+        "dependencies:",
+        "  - python=3.11",
+        "  - pip",
+        "  - pip:",
+    ] + [f"      - {p}" for p in pins] + ["      - -e .  # the helpers package of this checkout"]
+    (REPO_ROOT / "environment.yml").write_text("\n".join(out) + "\n")

