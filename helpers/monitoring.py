@@ -7,7 +7,8 @@
 * ``QueryMetricsMiddleware``: per-request statement count and database time for any WSGI app,
   exposed as ``X-DB-Queries`` / ``X-DB-Time-ms`` response headers; ``wsgi_get`` is a tiny test client.
 * ``top_statements`` / ``reset_statements``: pg_stat_statements for one database only.
-* ``PrometheusMetrics``: request, statement and pool metrics in the Prometheus text format.
+* ``PrometheusMetrics``: request and statement metrics in the Prometheus text format, plus chapter 05's
+  pool collector (``helpers.pooling.PoolCollector``).
 """
 
 from __future__ import annotations
@@ -345,9 +346,13 @@ def plan_nodes(plan: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- Prometheus
 class PrometheusMetrics:
-    """Request, statement and pool metrics in a registry of their own; ``.text()`` is the exposition."""
+    """Request, statement and pool metrics in a registry of their own; ``.text()`` is the exposition.
 
-    def __init__(self, engine: Engine | None = None, buckets: Iterable[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)):
+    The pool gauges are chapter 05's ``helpers.pooling.PoolCollector`` registered on the same registry.
+    """
+
+    def __init__(self, engine: Engine | None = None, pool_name: str = "workbook",
+                 buckets: Iterable[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
@@ -356,7 +361,9 @@ class PrometheusMetrics:
         self.db_time = Histogram("app_db_time_seconds", "database time per request", ["path"],
                                  buckets=tuple(buckets), registry=self.registry)
         if engine is not None:
-            self.registry.register(_PoolCollector(engine))
+            from .pooling import PoolCollector
+
+            self.registry.register(PoolCollector(engine, pool_name))
 
     def observe(self, stats: RequestStats) -> None:
         """Record one request (pass as ``QueryMetricsMiddleware(on_request=...)``)."""
@@ -380,23 +387,3 @@ class PrometheusMetrics:
             for s in fam.samples
         ]
         return pd.DataFrame(rows, columns=["name", "labels", "value"])
-
-
-class _PoolCollector:
-    """Gauges read from the engine's QueuePool at scrape time."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
-        pool = self.engine.pool
-        for name, doc, fn in [
-            ("db_pool_size", "configured pool size", "size"),
-            ("db_pool_checked_out", "connections in use", "checkedout"),
-            ("db_pool_checked_in", "idle connections in the pool", "checkedin"),
-            ("db_pool_overflow", "connections beyond pool_size", "overflow"),
-        ]:
-            if hasattr(pool, fn):
-                yield GaugeMetricFamily(name, doc, value=float(getattr(pool, fn)()))

@@ -1,6 +1,6 @@
 """Databases of a chapter's (or a test run's) own that never depend on who else is connected.
 
-``empty_database`` is the test database per run: the workbook schema, no rows. ``copied_database``
+``schema_database`` is the test database per run: the workbook schema, no rows. ``copied_database``
 adds a COPY of chosen seeded rows: the same rows every time, in about a second, where
 ``clone_database`` re-seeds everything (tens of seconds) whenever anyone else is connected to
 the workbook database, which on a shared server is nearly always. Both carry the clone
@@ -14,34 +14,19 @@ from psycopg import sql
 from sqlalchemy import Engine, create_engine, text
 
 from . import models
-from .database import CLONE_COMMENT, _libpq_kwargs, database_url, drop_database, psycopg_conninfo
+from .database import psycopg_conninfo
 
 
-def _admin():
-    return psycopg.connect(**_libpq_kwargs(database_url().set(database="postgres")), autocommit=True)
+def schema_database(suffix: str, **engine_kw) -> Engine:
+    """A new database ``<workbook db>_<suffix>`` with the workbook schema and no rows (a test run's database).
 
+    Built on chapter 06's ``helpers.ddl.empty_database``; pg_stat_statements is created in it when allowed.
+    """
+    from .ddl import empty_database
 
-def database_name(suffix: str) -> str:
-    """``<workbook db>_<suffix>``, the name ``drop_database(suffix)`` drops."""
-    if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix:
-        raise ValueError(f"suffix must be lower-case letters, digits, underscores: {suffix!r}")
-    return f"{database_url().database}_{suffix}"
-
-
-def create_database(suffix: str, template: str = "template0") -> str:
-    """CREATE DATABASE ``<db>_<suffix>`` TEMPLATE ``template`` (dropping an earlier one); returns its name."""
-    name = database_name(suffix)
-    drop_database(suffix)
-    with _admin() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
-    return name
-
-
-def empty_database(suffix: str, **engine_kw) -> Engine:
-    """A new database with the workbook schema and no rows (the test database of a run)."""
-    name = create_database(suffix)
-    engine = create_engine(database_url().set(database=name), **engine_kw)
+    empty = empty_database(suffix)
+    empty.dispose()
+    engine = create_engine(empty.url, **engine_kw)
     models.Base.metadata.create_all(engine)
     with engine.begin() as conn:
         try:
@@ -57,7 +42,7 @@ def copied_database(suffix: str, tables: dict[str, str | None], **engine_kw) -> 
 
     Always the same rows for the same arguments (no dependence on who is connected); ANALYZEd.
     """
-    engine = empty_database(suffix, **engine_kw)
+    engine = schema_database(suffix, **engine_kw)
     with psycopg.connect(**psycopg_conninfo()) as src, psycopg.connect(**psycopg_conninfo(engine.url.database)) as dst:
         for table, where in tables.items():
             ident = sql.Identifier(table)

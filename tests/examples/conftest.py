@@ -17,14 +17,14 @@ import pytest
 from sqlalchemy.orm import Session
 
 from helpers import drop_database, setup
-from helpers.testdb import empty_database
+from helpers.testdb import schema_database
 
 
 @pytest.fixture(scope="session")
 def test_engine():
     setup(quiet=True)
     suffix = f"examples_{os.getpid()}"
-    engine = empty_database(suffix)
+    engine = schema_database(suffix)
     yield engine
     engine.dispose()
     drop_database(suffix)
