@@ -147,9 +147,10 @@ def _table_locks(engine: Engine, pid: int, tables: list[str]) -> dict[str, str |
     return {t: strongest(df.loc[df["relation"] == t, "mode"]) for t in tables}
 
 
-def observe_ddl(engine: Engine, name: str, schema: str = "wb_migrations", lock_timeout: str = "200ms") -> dict:
-    """Measure one of DDL_CASES on fresh demo tables: locks held, reader/writer blocked, rewrite, scan."""
-    case = DDL_CASES[name]
+def observe_ddl(engine: Engine, name: str, schema: str = "wb_migrations", lock_timeout: str = "200ms",
+                case: DDLCase | None = None) -> dict:
+    """Measure one of DDL_CASES (or ``case``) on fresh demo tables: locks held, reader/writer blocked, rewrite, scan."""
+    case = case or DDL_CASES[name]
     parent, child = demo_tables(engine, schema)
     sql = case.sql.format(c=child, p=parent)
     with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
@@ -390,20 +391,56 @@ def migrate_with_retry(engine: Engine, statements: list[str], lock_timeout: str 
     return pd.DataFrame(rows)
 
 
-def blocked_timeline(engine: Engine, app_like: str, stop: threading.Event, t0: float, poll_s: float = 0.02,
-                     max_s: float = 30.0) -> list[tuple[float, int]]:
-    """Sample (s since t0, number of backends named like ``app_like`` that are waiting for a lock) until ``stop``."""
-    samples = []
+_WAITING_SQL = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name LIKE %s AND cardinality(pg_blocking_pids(pid)) > 0"
+)
+
+
+def waiting(engine: Engine, app_like: str) -> int:
+    """How many backends whose application_name is LIKE ``app_like`` are waiting for a lock now."""
     with psycopg.connect(**conninfo(engine, APP + "_observer"), autocommit=True) as conn:
-        while not stop.is_set() and time.perf_counter() - t0 < max_s:
-            n = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name LIKE %s AND cardinality(pg_blocking_pids(pid)) > 0",
-                (app_like,),
-            ).fetchone()[0]
-            samples.append((time.perf_counter() - t0, int(n)))
-            stop.wait(poll_s)
-    return samples
+        return int(conn.execute(_WAITING_SQL, (app_like,)).fetchone()[0])
+
+
+class BlockedTimeline:
+    """Samples, in a thread, how many backends named LIKE ``app_like`` wait for a lock (pg_blocking_pids).
+
+    ``with BlockedTimeline(engine, "wb_migrations_%", t0=load.t0) as tl: ...`` then ``tl.df``
+    (columns t_s, blocked). Sampling only observes; it decides nothing. Stops by itself after ``max_s``.
+    """
+
+    def __init__(self, engine: Engine, app_like: str, t0: float | None = None, poll_s: float = 0.02,
+                 max_s: float = 30.0):
+        self.engine, self.app_like, self.poll_s, self.max_s = engine, app_like, poll_s, max_s
+        self.t0 = t0
+        self._stop = threading.Event()
+        self._samples: list[tuple[float, int]] = []
+
+    def _run(self) -> None:
+        with psycopg.connect(**conninfo(self.engine, APP + "_observer"), autocommit=True) as conn:
+            while not self._stop.is_set() and time.perf_counter() - self.t0 < self.max_s:
+                n = conn.execute(_WAITING_SQL, (self.app_like,)).fetchone()[0]
+                self._samples.append((time.perf_counter() - self.t0, int(n)))
+                self._stop.wait(self.poll_s)
+
+    def __enter__(self) -> BlockedTimeline:
+        self.t0 = self.t0 if self.t0 is not None else time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.df = pd.DataFrame(self._samples, columns=["t_s", "blocked"])
+
+
+def invalid_indexes(engine: Engine) -> list[str]:
+    """Indexes left INVALID (pg_index.indisvalid = false), e.g. by a failed CREATE INDEX CONCURRENTLY."""
+    with psycopg.connect(**conninfo(engine, APP + "_observer"), autocommit=True) as conn:
+        rows = conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1").fetchall()
+    return [r[0] for r in rows]
 
 
 # ----------------------------------------------------------------------------- Alembic
