@@ -64,7 +64,7 @@ class SlowQueryLog:
 
     def _error(self, ctx):
         # after_cursor_execute is not called when the statement fails: drop its start time
-        if ctx.connection is not None and ctx.cursor is not None:
+        if ctx.connection is not None:
             stack = ctx.connection.info.get(self._KEY)
             if stack:
                 stack.pop()

@@ -1,0 +1,140 @@
+"""helpers.monitoring and helpers.testdb on the real server: every check can fail."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.pool import NullPool
+
+from helpers import drop_database, make_engine, server, where
+from helpers import monitoring as mon
+from helpers.testdb import copied_database
+
+SUFFIX = f"montest_{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def own(engine):
+    """A database of this module's own: users 1..50 and posts of those users copied from the seed."""
+    eng = copied_database(SUFFIX, {"users": "id <= 50", "posts": "user_id <= 50"})
+    yield eng
+    eng.dispose()
+    drop_database(SUFFIX)
+
+
+@pytest.fixture
+def shared(engine):
+    eng = make_engine(poolclass=NullPool)
+    yield eng
+    eng.dispose()
+
+
+def test_copied_database_has_the_rows_and_working_sequences(own):
+    with own.begin() as conn:
+        assert conn.execute(text("SELECT count(*), max(id) FROM users")).one() == (50, 50)
+        new_id = conn.execute(text(
+            "INSERT INTO users (email, name, region, country, attributes) "
+            "VALUES ('seq@example.test', 'Seq', 'eu', 'DE', '{}') RETURNING id")).scalar()
+        conn.rollback()
+    assert new_id == 51
+
+
+def test_slow_query_log_keeps_only_statements_above_threshold(shared):
+    with mon.SlowQueryLog(shared, threshold_s=0.1) as log, shared.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        conn.execute(text("SELECT pg_sleep(0.15)"))
+        conn.execute(text("SELECT 2"))
+    assert log.seen == 3
+    assert [q.sql for q in log.slow] == ["SELECT pg_sleep(0.15)"]
+    assert log.slow[0].duration_s >= 0.15
+
+
+def test_slow_query_log_survives_failing_statements(shared):
+    with mon.SlowQueryLog(shared, threshold_s=10) as log, shared.connect() as conn:
+        with pytest.raises(Exception, match="division by zero"):
+            conn.execute(text("SELECT 1/0"))
+        conn.rollback()
+        conn.execute(text("SELECT 1"))
+        assert conn.info[mon.SlowQueryLog._KEY] == []  # the failed statement's start time was dropped
+    assert log.seen == 1
+
+
+def test_double_executing_timer_runs_every_statement_twice(shared):
+    with shared.connect() as conn:
+        conn.execute(text("CREATE TEMP TABLE t_audit (id serial, note text)"))
+        with mon.DoubleExecutingTimer(shared) as bad:
+            conn.execute(text("INSERT INTO t_audit (note) VALUES ('x')"))
+        conn.execute(text("INSERT INTO t_audit (note) VALUES ('y')"))  # timer removed: once
+        rows = conn.execute(text("SELECT note, count(*) FROM t_audit GROUP BY note ORDER BY note")).all()
+        conn.rollback()
+    assert bad.extra_executions == 1
+    assert rows == [("x", 2), ("y", 1)]
+
+
+def test_middleware_headers_count_the_statements_of_each_request(own):
+    app = mon.QueryMetricsMiddleware(mon.blog_app(own, limit=10), own)
+    try:
+        with own.connect() as conn:
+            k = conn.execute(text("SELECT count(DISTINCT user_id) FROM (SELECT user_id FROM posts WHERE published "
+                                  "ORDER BY id DESC LIMIT 10) p")).scalar()
+        lazy, fixed, health = (mon.wsgi_get(app, p) for p in ("/posts", "/posts-fixed", "/health"))
+    finally:
+        app.close()
+    assert k > 1
+    assert int(lazy.headers["X-DB-Queries"]) == 1 + k
+    assert int(fixed.headers["X-DB-Queries"]) == 2
+    assert health.headers["X-DB-Queries"] == "0" and health.body == b"ok"
+    assert lazy.json() == fixed.json() and len(lazy.json()) == 10
+    assert float(lazy.headers["X-DB-Time-ms"]) > 0
+
+
+def test_pg_stat_statements_reset_and_read_one_database_only(own, engine):
+    if not where()["superuser"]:
+        pytest.skip("resetting pg_stat_statements needs superuser")
+    marker_sql = "SELECT count(*) FROM users WHERE id = 1 OR id = 2 OR id = 3 OR id = 4 OR id = 5 OR id = 6 OR id = 7"
+    with engine.connect() as conn:  # structurally unusual, so its pg_stat_statements entry is this text
+        conn.execute(text(marker_sql))
+    mon.reset_statements(own)
+    assert mon.top_statements(own, limit=100).empty
+    with own.connect() as conn:
+        for i in range(1, 8):
+            conn.execute(text(f"SELECT name FROM users WHERE id = {i}"))
+    top = mon.top_statements(own, order_by="calls", limit=5)
+    assert top.iloc[0]["calls"] == 7 and top.iloc[0]["query"] == "SELECT name FROM users WHERE id = $1"
+    # the shared database's entries were not touched by our reset
+    assert not mon.top_statements(engine, like="%OR id = $6 OR id = $7").empty
+    with pytest.raises(ValueError):
+        mon.top_statements(own, order_by="query; DROP TABLE users")
+
+
+def test_auto_explain_plan_is_read_back_from_the_server_log(own):
+    w = where()
+    if not (w["superuser"] and w["kind"] == "embedded"):
+        pytest.skip("needs superuser and the embedded server's log")
+    log = server.status().log
+    marker = f"wb_test_{uuid.uuid4().hex[:8]}"
+    start = mon.log_size(log)
+    with own.connect() as conn:
+        conn.execute(text("SET auto_explain.log_min_duration = 0"))
+        conn.execute(text("SET auto_explain.log_format = 'json'"))
+        conn.execute(text(f"SELECT count(*) FROM users WHERE name LIKE '%x%' /* {marker} */"))
+        conn.rollback()
+    plans = mon.auto_explain_plans(log, start, marker)
+    assert len(plans) == 1
+    assert mon.plan_nodes(plans[0]["plan"]) == ["Aggregate", "Seq Scan"]
+
+
+def test_prometheus_text_has_request_statement_and_pool_metrics(own):
+    metrics = mon.PrometheusMetrics(engine=own, pool_name="t")
+    metrics.observe(mon.RequestStats("GET", "/a", 200, queries=3, db_time_s=0.002))
+    metrics.observe(mon.RequestStats("GET", "/a", 500, queries=1, db_time_s=0.2))
+    body = metrics.text()
+    assert 'app_requests_total{path="/a",status="200"} 1.0' in body
+    assert 'app_db_statements_total{path="/a"} 4.0' in body
+    assert 'app_db_time_seconds_bucket{le="0.005",path="/a"} 1.0' in body
+    samples = metrics.samples()
+    size = samples[samples["name"] == "sqlalchemy_pool_size"]
+    assert list(size["value"]) == [float(own.pool.size())]
