@@ -40,6 +40,7 @@ _LAZY = {
     "retry": "helpers.retry",
     "anomalies": "helpers.anomalies",
     "ddl": "helpers.ddl",
+    "bulk": "helpers.bulk",
 }
 
 
@@ -105,7 +106,7 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 
 
 __all__ = [
-    "WorkbookError", "anomalies", "ddl", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
+    "WorkbookError", "anomalies", "bulk", "ddl", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
     "lab_schema", "locks", "make_engine", "measure", "models", "require_extension", "plots", "psycopg_conninfo", "record", "retry",
     "Scenario", "settings", "setup", "socket_url", "where",
 ]
