@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -319,9 +320,16 @@ def run(anomaly: Anomaly | str, level: str, schema: str) -> Run:
     return Run(anomaly, level, verdict, how(tr, verdict.occurred), tr)
 
 
-def run_all(schema: str, catalogue=CATALOGUE, levels=LEVELS) -> dict[tuple[str, str], Run]:
-    """Every anomaly of ``catalogue`` at every level: {(anomaly key, level): Run}."""
-    return {(a.key, level): run(a, level, schema) for level in levels for a in catalogue}
+def run_all(schema: str, catalogue=CATALOGUE, levels=LEVELS, *, parallel: int = 1) -> dict[tuple[str, str], Run]:
+    """Every anomaly of ``catalogue`` at every level: {(anomaly key, level): Run}.
+
+    ``parallel`` > 1 runs that many scenarios at a time: each has its own table and connections,
+    so they cannot see or block each other, and each interleaving stays scripted.
+    """
+    cells = [(a, level) for level in levels for a in catalogue]
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="wb_anomalies") as pool:
+        done = list(pool.map(lambda c: run(c[0], c[1], schema), cells))
+    return {(a.key, level): r for (a, level), r in zip(cells, done, strict=True)}
 
 
 def matrix(runs: dict[tuple[str, str], Run], value: str = "outcome") -> pd.DataFrame:
