@@ -1,0 +1,478 @@
+"""Connection pools, measured: status, events, health, Prometheus metrics, workloads, limits.
+
+Everything here reads a SQLAlchemy ``Engine``'s pool or drives it; nothing prints. The
+connection-pooling chapter (``notebooks/05_connection_pooling.ipynb``) shows the code that teaches;
+this module holds the harness around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+from sqlalchemy import Engine, event, text
+
+from .config import REPO_ROOT, WorkbookError
+from .database import database_url, psycopg_conninfo
+
+ROLE_PREFIX = "wb_pool_limited_"
+
+
+# ----------------------------------------------------------------------------- status and health
+@dataclass(frozen=True)
+class PoolStatus:
+    """What a pool holds right now; ``capacity`` is pool_size + max_overflow (None when unbounded)."""
+
+    pool_class: str
+    size: int | None
+    checked_in: int | None
+    checked_out: int | None
+    overflow: int | None
+    capacity: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pool_status(engine: Engine) -> PoolStatus:
+    """Size, checked-in, checked-out and overflow of ``engine``'s pool (None where the pool has no such figure)."""
+    pool = engine.pool
+    name = type(pool).__name__
+    if not hasattr(pool, "checkedout"):
+        return PoolStatus(name, None, None, None, None, None)
+    size, overflow = pool.size(), pool.overflow()
+    max_overflow = getattr(pool, "_max_overflow", 0)
+    capacity = None if max_overflow < 0 else size + max_overflow
+    return PoolStatus(name, size, pool.checkedin(), pool.checkedout(), overflow, capacity)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Result of ``health_check``: status ``ok`` / ``saturated`` / ``down``, round-trip latency, pool figures."""
+
+    status: str
+    latency_ms: float | None
+    error: str | None
+    pool: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def health_check(engine: Engine, *, timeout_ms: int = 1000) -> HealthReport:
+    """One bounded ``SELECT 1`` through the pool; a saturated pool is reported without waiting for a checkout."""
+    status = pool_status(engine)
+    if status.capacity is not None and status.checked_out >= status.capacity:
+        return HealthReport("saturated", None, "every pooled connection is checked out", status.as_dict())
+    t0 = time.perf_counter()
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT set_config('statement_timeout', :v, true)"), {"v": f"{int(timeout_ms)}ms"})
+            conn.execute(text("SELECT 1")).scalar_one()
+            conn.rollback()
+    except Exception as exc:  # noqa: BLE001 - a health check reports every failure as "down"
+        return HealthReport("down", None, error_summary(exc)["message"], pool_status(engine).as_dict())
+    latency = (time.perf_counter() - t0) * 1000
+    return HealthReport("ok", round(latency, 3), None, pool_status(engine).as_dict())
+
+
+def error_summary(exc: BaseException) -> dict:
+    """Class, SQLSTATE and first message line of an exception (the DBAPI error under SQLAlchemy's wrapper)."""
+    orig = getattr(exc, "orig", None) or exc
+    text_ = str(orig).strip()
+    if "FATAL:" in text_:  # connection refusals: keep the server's words, not libpq's preamble
+        text_ = text_.rsplit("FATAL:", 1)[1].strip()
+    message = text_.splitlines()[0] if text_ else type(orig).__name__
+    return {
+        "error": type(exc).__name__,
+        "driver_error": type(orig).__name__ if orig is not exc else None,
+        "sqlstate": getattr(orig, "sqlstate", None),
+        "message": message,
+    }
+
+
+# ----------------------------------------------------------------------------- events
+POOL_EVENTS = ("connect", "checkout", "checkin", "invalidate", "soft_invalidate", "close", "detach")
+
+
+class PoolEventLog:
+    """Pool events kept in memory: each listener appends one tuple to a bounded deque and bumps a counter.
+
+    No formatting, no I/O and no logging call on the hot path; ``.df`` formats later, off it.
+    """
+
+    def __init__(self, engine: Engine, *, maxlen: int = 10_000, events: tuple[str, ...] = POOL_EVENTS):
+        self.engine = engine
+        self.events: deque = deque(maxlen=maxlen)
+        self._counts = dict.fromkeys(events, 0)
+        self._lock = threading.Lock()
+        self._listeners = {name: self._listener(name) for name in events}
+        for name, fn in self._listeners.items():
+            event.listen(engine, name, fn)
+
+    def _listener(self, name: str):
+        append, clock, lock, counts = self.events.append, time.perf_counter_ns, self._lock, self._counts
+
+        def on_event(dbapi_connection, *_args):
+            append((clock(), name, id(dbapi_connection)))
+            with lock:
+                counts[name] += 1
+
+        return on_event
+
+    def counts(self) -> dict:
+        """Events seen so far, by name (not limited by ``maxlen``)."""
+        with self._lock:
+            return dict(self._counts)
+
+    @property
+    def df(self) -> pd.DataFrame:
+        """The retained events: t_ms (since the first), event, conn (a short id of the DBAPI connection)."""
+        rows = list(self.events)
+        if not rows:
+            return pd.DataFrame(columns=["t_ms", "event", "conn"])
+        t0 = rows[0][0]
+        ids = {c: f"c{i}" for i, c in enumerate(dict.fromkeys(r[2] for r in rows))}
+        return pd.DataFrame([{"t_ms": (t - t0) / 1e6, "event": e, "conn": ids[c]} for t, e, c in rows])
+
+    def close(self) -> None:
+        """Remove the listeners."""
+        for name, fn in self._listeners.items():
+            if event.contains(self.engine, name, fn):
+                event.remove(self.engine, name, fn)
+
+
+# ----------------------------------------------------------------------------- Prometheus
+class PoolCollector:
+    """A prometheus_client collector reading the pool (and an optional ``PoolEventLog``) at scrape time."""
+
+    def __init__(self, engine: Engine, name: str, log: PoolEventLog | None = None):
+        self.engine, self.name, self.log = engine, name, log
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = pool_status(self.engine)
+        gauges = {
+            "size": ("Configured pool_size", st.size),
+            "checked_out": ("Connections checked out of the pool", st.checked_out),
+            "checked_in": ("Idle connections held in the pool", st.checked_in),
+            "overflow": ("Connections beyond pool_size (negative: not yet opened)", st.overflow),
+            "capacity": ("pool_size + max_overflow", st.capacity),
+        }
+        for key, (doc, value) in gauges.items():
+            if value is not None:
+                g = GaugeMetricFamily(f"sqlalchemy_pool_{key}", doc, labels=["pool"])
+                g.add_metric([self.name], value)
+                yield g
+        if self.log is not None:
+            counts = self.log.counts()
+            for key in ("connect", "checkout", "invalidate"):
+                c = CounterMetricFamily(f"sqlalchemy_pool_{key}s", f"Pool {key} events", labels=["pool"])
+                c.add_metric([self.name], counts.get(key, 0))
+                yield c
+
+
+def pool_metrics(engine: Engine, name: str = "workbook", log: PoolEventLog | None = None):
+    """A CollectorRegistry of its own (not the global one) exposing ``engine``'s pool."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PoolCollector(engine, name, log))
+    return registry
+
+
+def metrics_text(registry) -> str:
+    """The registry in Prometheus text exposition format (what a /metrics endpoint returns)."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()
+
+
+def parse_metrics(text_format: str) -> dict:
+    """Sample name (with its labels) -> value, parsed back from the text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text_format):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+# ----------------------------------------------------------------------------- workloads
+def run_threads(engine: Engine, *, workers: int, tasks: int, stmt, params: dict | None = None) -> dict:
+    """Closed loop: ``workers`` threads run ``tasks`` statements in total, each on a connection checked out for it.
+
+    Latency counts from asking the pool to the result; ``wait_ms`` is the part spent waiting for the pool,
+    ``held_ms`` the part holding a connection. Returns throughput and latencies.
+    """
+    latencies: list[float] = []
+    held: list[float] = []
+    ticket = itertools.count()
+
+    def worker():
+        while next(ticket) < tasks:
+            t0 = time.perf_counter()
+            with engine.connect() as conn:
+                t1 = time.perf_counter()
+                conn.execute(stmt, params or {}).all()
+            t2 = time.perf_counter()
+            latencies.append(t2 - t0)
+            held.append(t2 - t1)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wb_pool") as ex:
+        for fut in [ex.submit(worker) for _ in range(workers)]:
+            fut.result()
+    out = summarize_latencies(latencies, time.perf_counter() - t0, workers=workers)
+    out["held_ms"] = statistics.fmean(held) * 1000
+    out["wait_ms"] = out["mean_ms"] - out["held_ms"]
+    return out
+
+
+def summarize_latencies(latencies: list[float], wall_s: float, **labels) -> dict:
+    """Throughput (per s), mean / p50 / p95 latency (ms) of one run."""
+    q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
+    return {
+        **labels,
+        "tasks": len(latencies),
+        "wall_s": wall_s,
+        "throughput_per_s": len(latencies) / wall_s,
+        "mean_ms": statistics.fmean(latencies) * 1000,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p95_ms": q[18] * 1000,
+    }
+
+
+def warm(engine: Engine, n: int) -> None:
+    """Open ``n`` pooled connections at once so the first measured checkouts do not pay for connecting."""
+    with contextlib.ExitStack() as stack:
+        for _ in range(n):
+            stack.enter_context(engine.connect()).execute(text("SELECT 1"))
+
+
+def sizing_sweep(pool_sizes, workers, *, tasks: int, service_ms: float, app: str = "wb_pool_sweep") -> pd.DataFrame:
+    """Throughput and latency for every pool_size x workers, each task a ``pg_sleep(service_ms)`` on the server."""
+    from .database import make_engine
+
+    stmt = text("SELECT pg_sleep(:s)")
+    rows = []
+    for size in pool_sizes:
+        engine = make_engine(pool_size=size, max_overflow=0, pool_timeout=30,
+                             connect_args={"application_name": app})
+        try:
+            warm(engine, size)
+            for w in workers:
+                row = run_threads(engine, workers=w, tasks=tasks, stmt=stmt, params={"s": service_ms / 1000})
+                rows.append({"pool_size": size, **row})
+        finally:
+            engine.dispose()
+    df = pd.DataFrame(rows)
+    df["littles_L"] = df["throughput_per_s"] * df["mean_ms"] / 1000  # in flight = throughput x time in system
+    df["busy_connections"] = df["throughput_per_s"] * df["held_ms"] / 1000  # the same law, for the pool alone
+    df["waiting_for_pool"] = df["throughput_per_s"] * df["wait_ms"] / 1000
+    return df
+
+
+# ----------------------------------------------------------------------------- server limits
+def connection_budget(engine: Engine) -> dict:
+    """max_connections, the reserved slots, connections in use now, and what is left for non-superusers."""
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int, "
+            "coalesce(current_setting('reserved_connections', true), '0')::int, "
+            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+        )).one()
+    max_c, su_reserved, reserved, in_use = row
+    return {
+        "max_connections": max_c,
+        "superuser_reserved_connections": su_reserved,
+        "reserved_connections": reserved,
+        "client_backends_now": in_use,
+        "for_applications": max_c - su_reserved - reserved,
+        "free_now": max_c - su_reserved - reserved - in_use,
+    }
+
+
+def terminate_backends(engine: Engine, application_name: str) -> int:
+    """pg_terminate_backend on the backends carrying ``application_name`` (ours only); waits until they are gone."""
+    if not application_name.startswith("wb_pool"):
+        raise ValueError("only backends of this chapter (application_name wb_pool...) may be terminated")
+    with engine.connect() as conn:
+        n = conn.execute(text(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE application_name = :app AND pid <> pg_backend_pid()"
+        ), {"app": application_name}).scalar_one()
+        conn.commit()
+    return int(n)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_stale_roles(conn: psycopg.Connection) -> None:
+    """Drop roles this module made in processes that are gone (a crashed run), if nobody uses them."""
+    names = [r[0] for r in conn.execute(
+        "SELECT rolname FROM pg_roles r WHERE rolname LIKE %s AND NOT EXISTS "
+        "(SELECT 1 FROM pg_stat_activity a WHERE a.usename = r.rolname)", (ROLE_PREFIX + "%",))]
+    for name in names:
+        m = re.fullmatch(re.escape(ROLE_PREFIX) + r"(\d+)", name)
+        if m and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@contextlib.contextmanager
+def limited_role(limit: int = 2):
+    """A LOGIN role of our own with CONNECTION LIMIT ``limit``; yields its URL; drops it afterwards."""
+    name = f"{ROLE_PREFIX}{os.getpid()}"
+    pw = secrets.token_urlsafe(16)
+    conninfo = psycopg_conninfo()
+    with psycopg.connect(**conninfo, autocommit=True) as conn:
+        _drop_stale_roles(conn)
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CONNECTION LIMIT {} PASSWORD {}").format(
+            sql.Identifier(name), sql.Literal(limit), sql.Literal(pw)))
+    try:
+        yield database_url().set(username=name, password=pw)
+    finally:
+        with psycopg.connect(**conninfo, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = %s", (name,))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+# ----------------------------------------------------------------------------- a throwaway server of our own
+_THROWAWAY = r"""
+import json, os, pathlib, shutil, signal, sys
+import psycopg
+from helpers import server
+from helpers.config import WorkbookError
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+OWN = os.environ.get("WORKBOOK_STATE", "")
+if not os.path.basename(OWN).startswith("wb-pool-") or server.state_root() != pathlib.Path(OWN):
+    sys.exit("refusing to run: WORKBOOK_STATE is not a throwaway folder of this demo")
+out = {}
+try:
+    info = server.start()
+    pw = server.password()
+    su = dict(host="127.0.0.1", port=info.port, user=server.SUPERUSER, password=pw, dbname="postgres", connect_timeout=5)
+    with psycopg.connect(**su, autocommit=True) as c:
+        c.execute("ALTER SYSTEM SET max_connections = %d" % int(sys.argv[1]))
+        c.execute("ALTER SYSTEM SET superuser_reserved_connections = %d" % int(sys.argv[2]))
+        c.execute("ALTER SYSTEM SET shared_buffers = '16MB'")
+        c.execute("CREATE ROLE wb_pool_app LOGIN PASSWORD 'app'")
+    server.stop()
+    info = server.start()
+    app = dict(su, user="wb_pool_app", password="app")
+    held, events = [], []
+    for who, kw in (("application role", app), ("superuser", su)):
+        while len(held) < 50:
+            try:
+                held.append(psycopg.connect(**kw, autocommit=True))
+            except psycopg.OperationalError as exc:
+                events.append({"who": who, "opened_before_error": len(held),
+                               "message": str(exc).strip().rsplit("FATAL:", 1)[-1].strip()})
+                break
+    with held[0].cursor() as cur:
+        cur.execute("SHOW max_connections"); mc = int(cur.fetchone()[0])
+        cur.execute("SHOW superuser_reserved_connections"); sr = int(cur.fetchone()[0])
+        cur.execute("SHOW server_version"); ver = cur.fetchone()[0]
+    for h in held:
+        h.close()
+    out = {"max_connections": mc, "superuser_reserved_connections": sr, "server_version": ver, "events": events}
+finally:
+    try:
+        server.stop()
+        shutil.rmtree(OWN, ignore_errors=True)
+    except WorkbookError as exc:
+        out["stop_error"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+class TooManyClients:
+    """The throwaway-server demo running in the background: ``.result()`` waits for it (bounded)."""
+
+    def __init__(self, max_connections: int = 6, superuser_reserved: int = 3, timeout_s: float = 120):
+        self.state = tempfile.mkdtemp(prefix="wb-pool-")
+        os.chmod(self.state, 0o755)
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "WORKBOOK_PORT")}
+        env["WORKBOOK_STATE"] = self.state
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.env, self.timeout_s, self.t0 = env, timeout_s, time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _THROWAWAY, str(max_connections), str(superuser_reserved)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO_ROOT),
+            preexec_fn=_nice_and_die_with_parent,
+        )
+
+    def result(self) -> dict:
+        """What the throwaway server said (its folder is removed and its server stopped before this returns)."""
+        try:
+            out, err = self.process.communicate(timeout=max(1.0, self.timeout_s - (time.perf_counter() - self.t0)))
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            out, err = self.process.communicate(timeout=30)
+        finally:
+            _stop_leftover(self.state, self.env)
+            shutil.rmtree(self.state, ignore_errors=True)
+        if self.process.returncode != 0:
+            raise WorkbookError(f"The throwaway server demo failed: {err.strip()[-800:]}")
+        data = json.loads(out.strip().splitlines()[-1])
+        data["seconds"] = round(time.perf_counter() - self.t0, 1)
+        return data
+
+
+def too_many_clients(max_connections: int = 6, superuser_reserved: int = 3, timeout_s: float = 120) -> dict:
+    """Fill a throwaway embedded server (own data folder, own port) until PostgreSQL refuses; return what it said.
+
+    Runs in a subprocess with ``WORKBOOK_STATE`` on a temp folder, so the shared server is never touched;
+    the throwaway server is stopped and its folder removed before this returns. ``TooManyClients(...)``
+    starts the same in the background.
+    """
+    return TooManyClients(max_connections, superuser_reserved, timeout_s).result()
+
+
+def _nice_and_die_with_parent() -> None:
+    """In the child: lowest CPU priority (it runs beside measurements), SIGTERM when the parent dies."""
+    import ctypes
+    import signal
+
+    os.nice(19)
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop_leftover(state: str, env: dict) -> None:
+    """If the subprocess died before stopping its server, stop it now (it lives in our temp folder)."""
+    if not os.path.isdir(state):
+        return
+    for pidfile in (os.path.join(state, d, "data", "postmaster.pid") for d in os.listdir(state) if d.startswith("pg")):
+        if os.path.exists(pidfile):
+            subprocess.run([sys.executable, "-c", "from helpers import server; server.stop()"],
+                           env=env, cwd=str(REPO_ROOT), capture_output=True, timeout=60)
