@@ -91,6 +91,19 @@ class StepResult:
     waited: bool = False
     blocked_by: list[str] = field(default_factory=list)
     finished_after: str | None = None
+    params: object = None
+
+    def shown_sql(self) -> str:
+        """The SQL with its parameters written in, for display only (never executed)."""
+        one = " ".join(self.sql.split())
+        try:
+            if isinstance(self.params, dict):
+                return one % {k: repr(v) for k, v in self.params.items()}
+            if isinstance(self.params, (list, tuple)):
+                return one % tuple(repr(v) for v in self.params)
+        except (TypeError, ValueError, KeyError):
+            pass
+        return one
 
 
 class Transcript:
@@ -149,8 +162,8 @@ class Transcript:
         return [tuple(_hashable(v) for v in row) for row in self.df.itertuples(index=False, name=None)]
 
     # -- display ---------------------------------------------------------------------------------------
-    def _cells(self) -> list[tuple[str, str, str]]:
-        """(session, text, kind) per event, kind in ok / error / blocked / done."""
+    def _cells(self, n: int = 48) -> list[tuple[str, str, str]]:
+        """(session, text, kind) per event, kind in ok / error / blocked / done; SQL cut at ``n`` characters."""
         out = []
         for kind, step in self.events:
             r = self.results[step]
@@ -158,12 +171,12 @@ class Transcript:
                 continue
             if kind == "block":
                 who = ", ".join(r.blocked_by) or "another backend"
-                out.append((r.session, f"{step}: {_short(r.sql)}  ⏳ blocked by {who}", "blocked"))
+                out.append((r.session, f"{step}: {_short(r.shown_sql(), n)}  ⏳ blocked by {who}", "blocked"))
             else:
-                head = f"{step}: {_short(r.sql)}"
+                head = f"{step}: {_short(r.shown_sql(), n)}"
                 if r.waited:
                     head = f"{step}: … " + (f"completed after {r.finished_after}" if r.finished_after else "ended by the server")
-                out.append((r.session, f"{head}  {_short(_outcome(r), 60)}", "error" if r.sqlstate else ("done" if r.waited else "ok")))
+                out.append((r.session, f"{head}  {_short(_outcome(r), max(n, 60))}", "error" if r.sqlstate else ("done" if r.waited else "ok")))
         return out
 
     def __repr__(self) -> str:
@@ -182,7 +195,7 @@ class Transcript:
         colors = {"ok": "", "done": "background:#e8f4e8", "blocked": "background:#fff3cd", "error": "background:#f8d7da"}
         head = "".join(f"<th style='text-align:left'>{html.escape(s)}</th>" for s in self.sessions)
         body = []
-        for i, (sess, txt, kind) in enumerate(self._cells(), 1):
+        for i, (sess, txt, kind) in enumerate(self._cells(200), 1):
             tds = "".join(
                 f"<td style='text-align:left;font-family:monospace;{colors[kind]}'>{html.escape(txt)}</td>" if s == sess
                 else "<td></td>" for s in self.sessions)
@@ -338,7 +351,7 @@ class Scenario:
             self._finish(sess.current, step)
             self._settle(step)
         sql, params = sess.steps[step]
-        res = StepResult(step=step, session=sess.name, sql=sql, issued=len(self._results) + 1)
+        res = StepResult(step=step, session=sess.name, sql=sql, issued=len(self._results) + 1, params=params)
         self._results[step] = res
         self._events.append(("issue", step))
         fut = sess.pool.submit(_execute, sess.conn, sql, params)
