@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import psycopg
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from .database import psycopg_conninfo
 from .locks import locks, strongest
 
 APP = "wb_migrations"  # application_name prefix of every connection this module opens
-PARENT_ROWS = 1_000
-CHILD_ROWS = 20_000
+PARENT_ROWS = 200
+CHILD_ROWS = 2_000
 
 
 def conninfo(engine: Engine, app: str = APP) -> dict:
@@ -54,8 +54,8 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, poll_s: f
 
 def blocked_by(engine: Engine, pid: int) -> list[int]:
     """pg_blocking_pids(pid): the backends ``pid`` is waiting for (empty when it is not waiting)."""
-    with psycopg.connect(**conninfo(engine, APP + "_observer"), autocommit=True) as conn:
-        return list(conn.execute("SELECT pg_blocking_pids(%s)", (pid,)).fetchone()[0] or [])
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT pg_blocking_pids(:pid)"), {"pid": pid}).scalar() or [])
 
 
 # ----------------------------------------------------------------------------- the demo tables
@@ -63,19 +63,16 @@ def demo_tables(engine: Engine, schema: str) -> tuple[str, str]:
     """(Re)create ``schema.parent`` and ``schema.child`` (CHILD_ROWS rows, no constraints between them)."""
     parent, child = f"{schema}.parent", f"{schema}.child"
     with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-        conn.execute(f"DROP TABLE IF EXISTS {child}, {parent}")
-        conn.execute(f"CREATE TABLE {parent} (id int PRIMARY KEY, label text NOT NULL)")
-        conn.execute(f"INSERT INTO {parent} SELECT g, 'p' || g FROM generate_series(1, {PARENT_ROWS}) g")
-        conn.execute(
+        conn.execute(  # one round trip: no parameters, several statements
+            f"CREATE SCHEMA IF NOT EXISTS {schema}; DROP TABLE IF EXISTS {child}, {parent}; "
+            f"CREATE TABLE {parent} (id int PRIMARY KEY, label text NOT NULL); "
+            f"INSERT INTO {parent} SELECT g, 'p' || g FROM generate_series(1, {PARENT_ROWS}) g; "
             f"CREATE TABLE {child} (id int PRIMARY KEY, parent_id int NOT NULL, v int NOT NULL, n int NOT NULL, "
-            "name varchar(50) NOT NULL, filled int, extra text)"
-        )
-        conn.execute(
+            "name varchar(50) NOT NULL, filled int, extra text); "
             f"INSERT INTO {child} SELECT g, 1 + g % {PARENT_ROWS}, g % 100, g, 'name ' || g, g, 'x' "
-            f"FROM generate_series(1, {CHILD_ROWS}) g"
+            f"FROM generate_series(1, {CHILD_ROWS}) g; "
+            f"ANALYZE {parent}, {child}"
         )
-        conn.execute(f"ANALYZE {parent}, {child}")
     return parent, child
 
 
@@ -115,10 +112,16 @@ WRITE_SQL = "UPDATE {c} SET v = v + 1 WHERE id = 2"
 WRITE_REFERENCED_SQL = "UPDATE {p} SET label = label WHERE id = 1"
 
 
-def probe(engine: Engine, sql: str, lock_timeout: str = "200ms", app: str = APP + "_probe") -> dict:
-    """Run ``sql`` once in its own transaction with ``lock_timeout``; blocked = the server said 55P03."""
+def probe(engine: Engine, sql: str, lock_timeout: str = "200ms", app: str = APP + "_probe",
+          conn: psycopg.Connection | None = None) -> dict:
+    """Run ``sql`` once in its own transaction with ``lock_timeout``; blocked = the server said 55P03.
+
+    ``conn`` (a non-autocommit connection) is reused when given; the transaction is rolled back.
+    """
     t0 = time.perf_counter()
-    with psycopg.connect(**conninfo(engine, app)) as conn:
+    own = conn is None
+    conn = conn or psycopg.connect(**conninfo(engine, app))
+    try:
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
         conn.execute("SELECT set_config('statement_timeout', '10s', true)")
         try:
@@ -127,6 +130,9 @@ def probe(engine: Engine, sql: str, lock_timeout: str = "200ms", app: str = APP 
         except psycopg.Error as exc:
             sqlstate = exc.sqlstate
         conn.rollback()
+    finally:
+        if own:
+            conn.close()
     if sqlstate not in (None, "55P03"):
         raise RuntimeError(f"probe {sql!r} failed with SQLSTATE {sqlstate}")
     return {"blocked": sqlstate == "55P03", "sqlstate": sqlstate, "wait_s": time.perf_counter() - t0}
@@ -148,14 +154,19 @@ def _table_locks(engine: Engine, pid: int, tables: list[str]) -> dict[str, str |
 
 
 def observe_ddl(engine: Engine, name: str, schema: str = "wb_migrations", lock_timeout: str = "200ms",
-                case: DDLCase | None = None) -> dict:
-    """Measure one of DDL_CASES (or ``case``) on fresh demo tables: locks held, reader/writer blocked, rewrite, scan."""
+                case: DDLCase | None = None, probes: dict | None = None) -> dict:
+    """Measure one of DDL_CASES (or ``case``) on fresh demo tables: locks held, reader/writer blocked, rewrite, scan.
+
+    ``probes`` may hold open connections to reuse: "read", "write", "write_ref" (see ``ddl_table``).
+    """
     case = case or DDL_CASES[name]
+    probes = probes or {}
     parent, child = demo_tables(engine, schema)
     sql = case.sql.format(c=child, p=parent)
-    with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
-        for stmt in case.prepare:
-            conn.execute(stmt.format(c=child, p=parent))
+    if case.prepare:
+        with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
+            for stmt in case.prepare:
+                conn.execute(stmt.format(c=child, p=parent))
     if case.concurrent:
         return _observe_concurrent(engine, name, sql, child, lock_timeout)
     with psycopg.connect(**conninfo(engine, APP + "_ddl")) as ddl:
@@ -168,9 +179,10 @@ def observe_ddl(engine: Engine, name: str, schema: str = "wb_migrations", lock_t
         node_after, scans = _table_state(ddl, child)
         # the transaction stays open: whatever it holds now, it holds until COMMIT
         held = _table_locks(engine, pid, [child, parent])
-        reader = probe(engine, READ_SQL.format(c=child), lock_timeout)
-        writer = probe(engine, WRITE_SQL.format(c=child), lock_timeout)
-        ref_writer = probe(engine, WRITE_REFERENCED_SQL.format(p=parent), lock_timeout) if case.references else None
+        reader = probe(engine, READ_SQL.format(c=child), lock_timeout, conn=probes.get("read"))
+        writer = probe(engine, WRITE_SQL.format(c=child), lock_timeout, conn=probes.get("write"))
+        ref_writer = (probe(engine, WRITE_REFERENCED_SQL.format(p=parent), lock_timeout, conn=probes.get("write_ref"))
+                      if case.references else None)
         ddl.rollback()
     return {
         "ddl": name,
@@ -241,7 +253,12 @@ def _observe_concurrent(engine: Engine, name: str, sql: str, child: str, lock_ti
 
 def ddl_table(engine: Engine, names=None, schema: str = "wb_migrations", lock_timeout: str = "200ms") -> pd.DataFrame:
     """observe_ddl for every case (or ``names``): one row per DDL statement."""
-    rows = [observe_ddl(engine, n, schema, lock_timeout) for n in (names or DDL_CASES)]
+    probes = {k: psycopg.connect(**conninfo(engine, APP + "_probe")) for k in ("read", "write", "write_ref")}
+    try:
+        rows = [observe_ddl(engine, n, schema, lock_timeout, probes=probes) for n in (names or DDL_CASES)]
+    finally:
+        for conn in probes.values():
+            conn.close()
     with psycopg.connect(**conninfo(engine), autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {schema}.child, {schema}.parent")
     return pd.DataFrame(rows).set_index("ddl")
@@ -356,13 +373,18 @@ class Load:
 
 
 def hold_transaction(engine: Engine, statements: list[str], hold_s: float, lock_timeout: str = "10s",
-                     app: str = APP + "_migration") -> float:
-    """Run ``statements`` in one transaction kept open ``hold_s`` more seconds (a scripted window); returns s."""
+                     app: str = APP + "_migration", after: Callable[[], object] | None = None) -> float:
+    """Run ``statements`` in one transaction kept open ``hold_s`` more seconds (a scripted window); returns s.
+
+    ``after`` is called once the statements have run (their locks are held), before the window.
+    """
     t0 = time.perf_counter()
     with psycopg.connect(**conninfo(engine, app)) as conn:
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
         for stmt in statements:
             conn.execute(stmt)
+        if after is not None:
+            after()
         time.sleep(hold_s)  # stands for the long part of a migration on a big table
         conn.commit()
     return time.perf_counter() - t0
@@ -399,8 +421,8 @@ _WAITING_SQL = (
 
 def waiting(engine: Engine, app_like: str) -> int:
     """How many backends whose application_name is LIKE ``app_like`` are waiting for a lock now."""
-    with psycopg.connect(**conninfo(engine, APP + "_observer"), autocommit=True) as conn:
-        return int(conn.execute(_WAITING_SQL, (app_like,)).fetchone()[0])
+    with engine.connect() as conn:
+        return int(conn.execute(text(_WAITING_SQL.replace("%s", ":app")), {"app": app_like}).scalar())
 
 
 class BlockedTimeline:
@@ -438,9 +460,9 @@ class BlockedTimeline:
 
 def invalid_indexes(engine: Engine) -> list[str]:
     """Indexes left INVALID (pg_index.indisvalid = false), e.g. by a failed CREATE INDEX CONCURRENTLY."""
-    with psycopg.connect(**conninfo(engine, APP + "_observer"), autocommit=True) as conn:
-        rows = conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1").fetchall()
-    return [r[0] for r in rows]
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1"))
+        return [r[0] for r in rows]
 
 
 # ----------------------------------------------------------------------------- Alembic

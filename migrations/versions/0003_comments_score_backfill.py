@@ -18,10 +18,8 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-BATCH = sa.text(
-    "UPDATE comments SET score = length(body) % 100 "
-    "WHERE id IN (SELECT id FROM comments WHERE score IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)"
-)
+# keyset batches: walk the primary key in ranges, so no batch re-reads the rows already filled
+BATCH = sa.text("UPDATE comments SET score = length(body) % 100 WHERE id >= :lo AND id < :hi AND score IS NULL")
 
 
 def upgrade() -> None:
@@ -30,12 +28,12 @@ def upgrade() -> None:
     progress = attrs.get("progress")
     with op.get_context().autocommit_block():
         bind = op.get_bind()
-        while True:
-            done = bind.execute(BATCH, {"n": batch_size}).rowcount
+        lo, last = bind.execute(sa.text("SELECT min(id), max(id) FROM comments")).one()
+        while lo is not None and lo <= last:
+            done = bind.execute(BATCH, {"lo": lo, "hi": lo + batch_size}).rowcount
             if progress:
                 progress(done)
-            if done == 0:
-                break
+            lo += batch_size
 
 
 def downgrade() -> None:
