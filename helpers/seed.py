@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 from psycopg import sql
-from sqlalchemy import Engine, UniqueConstraint, text
+from sqlalchemy import Engine, MetaData, UniqueConstraint, text
 from sqlalchemy.schema import AddConstraint, CreateIndex, CreateTable
 
 from . import models
@@ -269,7 +269,10 @@ def seed(
         "seed": seed_value, "users": sizes.users, "posts": sizes.posts, "comments": sizes.comments,
         "products": sizes.products, "orders": sizes.orders, "tags": sizes.tags,
     }
-    tables = models.Base.metadata.sorted_tables
+    # a private copy: AddConstraint marks a constraint as "not inline" on the Table it belongs to,
+    # which would change every later CreateTable / create_all of helpers.models in this process
+    private = MetaData()
+    tables = [t.to_metadata(private) for t in models.Base.metadata.sorted_tables]
     fks = [fk for t in tables for fk in t.foreign_key_constraints]
     bar = _progress(len(LOADS) + 3, progress, f"seed {scale}")
     t0 = time.perf_counter()
