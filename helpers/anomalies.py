@@ -274,7 +274,8 @@ PHENOMENA: tuple[Anomaly, ...] = (
             BY_KEY["G2-item"].permutation, _g2_item, about="write skew: committed result no serial order gives"),
 )
 
-# What the SQL standard *allows* at each level (True = the phenomenon may occur).
+# What the SQL standard *allows* at each level (True = the phenomenon may occur): for comparison
+# with the measured verdicts, never used to reach them.
 STANDARD_ALLOWS = {
     "read uncommitted": {"dirty_read": True, "nonrepeatable_read": True, "phantom_read": True, "serialization_anomaly": True},
     "read committed": {"dirty_read": False, "nonrepeatable_read": True, "phantom_read": True, "serialization_anomaly": True},
