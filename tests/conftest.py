@@ -25,7 +25,8 @@ def engine():
 
 def run_helpers(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     """``python -m helpers ...`` in a fresh process (settings are read from its environment)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WORKBOOK_") and k != "DATABASE_URL"}
+    private = {"DATABASE_URL", "WORKBOOK_DB", "WORKBOOK_PORT", "WORKBOOK_STATE"}  # WORKBOOK_PG_BIN is kept
+    full_env = {k: v for k, v in os.environ.items() if k not in private}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "helpers", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
