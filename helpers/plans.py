@@ -28,7 +28,7 @@ COLUMNS = [
     "subplan", "parallel", "plan_rows", "actual_rows", "actual_rows_total", "loops", "misestimate", "estimate",
     "startup_cost", "total_cost", "disabled", "inclusive_ms", "exclusive_ms", "exclusive_pct", "shared_hit",
     "shared_read", "shared_dirtied", "temp_read", "temp_written", "rows_removed_by_filter",
-    "rows_removed_by_recheck", "heap_fetches", "workers_launched", "condition",
+    "rows_removed_by_recheck", "heap_fetches", "workers_launched", "scan_direction", "condition",
 ]
 _CONDITIONS = ["Index Cond", "Recheck Cond", "Hash Cond", "Merge Cond", "Join Filter", "Filter", "One-Time Filter"]
 _DISABLE_COST = 1.0e10  # PostgreSQL < 18 adds this to the cost of a disabled path
@@ -61,6 +61,7 @@ class Plan:
     execution_ms: float | None
     analyzed: bool
     settings: dict = field(default_factory=dict)
+    runs_ms: list[float] = field(default_factory=list)
 
     # ---- reading
     @property
@@ -77,9 +78,18 @@ class Plan:
         return self.nodes.iloc[0]
 
     @property
+    def median_ms(self) -> float | None:
+        """Median execution time of the extra timed runs (``repeat``), else the one execution time."""
+        if self.runs_ms:
+            import statistics
+
+            return statistics.median(self.runs_ms)
+        return self.execution_ms
+
+    @property
     def total_ms(self) -> float | None:
-        """Execution time (ANALYZE) or the root's total cost (plain EXPLAIN, in cost units)."""
-        return self.execution_ms if self.analyzed else float(self.root["total_cost"])
+        """Median execution time (ANALYZE) or the root's total cost (plain EXPLAIN, in cost units)."""
+        return self.median_ms if self.analyzed else float(self.root["total_cost"])
 
     @property
     def shared_blocks(self) -> int:
@@ -182,13 +192,17 @@ def explain(
     engine: Engine | Connection | None = None,
     settings: dict | None = None,
     timing: bool = True,
+    repeat: int = 1,
     statement_timeout: str = "60s",
 ) -> Plan:
     """EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) a statement in a rolled-back transaction; returns a Plan.
 
     ``settings`` are planner settings for this statement only (``{"enable_seqscan": "off"}``), set
     transaction-local with ``set_config``. ``engine`` may be a Connection (the EXPLAIN then runs in a
-    savepoint rolled back afterwards, so it sees the connection's uncommitted work).
+    savepoint rolled back afterwards, so it sees the connection's uncommitted work). ``repeat`` > 1
+    keeps ``repeat`` execution times measured with ``TIMING OFF`` (no per-node clock overhead) in
+    ``.runs_ms`` (the first run counts when ``timing=False``); ``.median_ms`` is what ``compare``
+    uses for the speed-up.
     """
     if engine is None:
         from .database import get_engine
@@ -196,32 +210,40 @@ def explain(
         engine = get_engine()
     dialect = engine.dialect
     sql, driver_params, readable = _compile(statement_or_sql, params, dialect)
-    prefix = f"EXPLAIN ({_options(analyze, buffers, timing, False)}) "
     gucs = {"statement_timeout": statement_timeout, **{k: str(v) for k, v in (settings or {}).items()}}
 
-    def run(conn: Connection):
+    def run(conn: Connection, prefix: str):
         for k, v in gucs.items():
             conn.execute(text("SELECT set_config(:k, :v, true)"), {"k": k, "v": v})
-        return conn.exec_driver_sql(prefix + sql, driver_params or None).scalar()
+        doc = conn.exec_driver_sql(prefix + sql, driver_params or None).scalar()
+        if isinstance(doc, str):  # some drivers return the JSON as text
+            import json
 
-    if isinstance(engine, Connection):
-        nested = engine.begin_nested()
-        try:
-            doc = run(engine)
-        finally:
-            nested.rollback()
-    else:
+            doc = json.loads(doc)
+        return doc
+
+    def rolled_back(prefix: str):
+        if isinstance(engine, Connection):
+            nested = engine.begin_nested()
+            try:
+                return run(engine, prefix)
+            finally:
+                nested.rollback()
         with engine.connect() as conn:
             trans = conn.begin()
             try:
-                doc = run(conn)
+                return run(conn, prefix)
             finally:
                 trans.rollback()
-    if isinstance(doc, str):  # some drivers return the JSON as text
-        import json
 
-        doc = json.loads(doc)
-    return from_json(doc, sql=readable, params=params or {}, settings=settings or {})
+    doc = rolled_back(f"EXPLAIN ({_options(analyze, buffers, timing, False)}) ")
+    plan = from_json(doc, sql=readable, params=params or {}, settings=settings or {})
+    if analyze and repeat > 1:
+        quick = f"EXPLAIN ({_options(True, False, False, False)}) "
+        # a first run with TIMING OFF is already a clean measurement; with per-node timing it is not
+        first = [plan.execution_ms] if not timing else []
+        plan.runs_ms = first + [rolled_back(quick)[0]["Execution Time"] for _ in range(repeat - len(first))]
+    return plan
 
 
 def from_json(doc, sql: str = "", params: dict | None = None, settings: dict | None = None) -> Plan:
@@ -325,7 +347,7 @@ def _node_table(root: dict) -> pd.DataFrame:
             "rows_removed_by_filter": None if removed is None or loops is None else float(removed) * float(loops),
             "rows_removed_by_recheck": None if recheck is None or loops is None else float(recheck) * float(loops),
             "heap_fetches": n.get("Heap Fetches"), "workers_launched": n.get("Workers Launched"),
-            "condition": cond or None,
+            "scan_direction": n.get("Scan Direction"), "condition": cond or None,
         })
     if rows and rows[0]["inclusive_ms"] is not None:
         _exclusive(items, rows)
@@ -379,6 +401,8 @@ def _label(r: dict) -> str:
             s = s[: -len("Join")] + f"{jt} Join"
     if r["strategy"] and r["node_type"] == "Aggregate" and r["strategy"] != "Plain":
         s = {"Hashed": "HashAggregate", "Sorted": "GroupAggregate", "Mixed": "MixedAggregate"}.get(r["strategy"], s)
+    if r.get("scan_direction") == "Backward":
+        s += " Backward"
     if r["index"] and r["node_type"] != "Bitmap Index Scan":
         s += f" using {r['index']}"
     if r["relation"]:
