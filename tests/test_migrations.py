@@ -100,3 +100,31 @@ def test_expand_contract_keeps_the_data_both_ways(migtest):
         rows = dict(conn.execute(text("SELECT id, name FROM users WHERE id IN (1, 2, 3, 5000)")).all())
     assert rows == {1: "old code", 2: "new code", 3: "User 3", 5000: "inserted by new code"}
     command.downgrade(cfg, "base")
+
+
+def test_observatory_reads_locks_blocking_and_rewrites_from_the_server(migtest):
+    from helpers import ddl
+
+    nullable = ddl.observe_ddl(migtest, "add_nullable_column", lock_timeout="50ms")
+    assert (nullable["lock"], nullable["blocks_reads"], nullable["blocks_writes"], nullable["rewrites_table"]) == (
+        "AccessExclusiveLock", True, True, False)
+    bigint = ddl.observe_ddl(migtest, "alter_type_int_to_bigint", lock_timeout="50ms")
+    assert bigint["rewrites_table"] and bigint["scans_table"]
+    fk = ddl.observe_ddl(migtest, "validate_foreign_key", lock_timeout="50ms")
+    assert (fk["lock"], fk["referenced_table_lock"], fk["blocks_writes"]) == (
+        "ShareUpdateExclusiveLock", "RowShareLock", False)
+    cic = ddl.observe_ddl(migtest, "create_index_concurrently", lock_timeout="50ms")
+    assert cic["lock"] == "ShareUpdateExclusiveLock" and not cic["blocks_writes"] and cic["index_valid"]
+
+
+def test_load_reports_the_wait_behind_a_held_lock(migtest):
+    from helpers import ddl
+
+    _, child = ddl.demo_tables(migtest, "wb_migrations")
+    with ddl.Load(migtest, write_sql=f"UPDATE {child} SET v = v + 1 WHERE id = %(id)s",
+                  read_sql=f"SELECT v FROM {child} WHERE id = %(id)s", ids=range(1, 101), rate_per_s=50) as load:
+        ddl.hold_transaction(migtest, [f"LOCK TABLE {child} IN SHARE MODE"], hold_s=0.5)  # blocks writes only
+    result = load.result
+    assert result.errors() == 0 and len(result.ops) > 10
+    assert result.longest_wait("write") > 0.3 and result.longest_wait("read") < result.longest_wait("write") * 0.5
+    assert set(result.throughput(0.1)["kind"]) == {"read", "write"}
