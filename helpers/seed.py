@@ -321,7 +321,11 @@ def seed(
                 ix_lanes = [[stmt for _, stmt in ddl[0::2]], [stmt for _, stmt in ddl[1::2]]]
                 list(pool.map(run_ddl, ix_lanes))
                 stages["indexes"] = time.perf_counter() - t0 - sum(stages.values())
-            run_ddl([AddConstraint(fk) for fk in fks])
+            # foreign keys in two lanes too: each ALTER locks its child table, then its parent; the
+            # foreign-key graph has no cycle, so two lanes may wait on each other but never deadlock
+            fk_ddl = [AddConstraint(fk) for fk in sorted(fks, key=lambda fk: -rows.get(fk.table.name, 0))]
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(run_ddl, [fk_ddl[0::2], fk_ddl[1::2]]))
             stages["foreign_keys"] = time.perf_counter() - t0 - sum(stages.values())
             with engine.begin() as conn:
                 for t in tables:  # explicit ids were inserted: move each serial sequence past them
