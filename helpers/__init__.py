@@ -37,7 +37,7 @@ _LAZY = {
     "Scenario": "helpers.sessions",
     "locks": "helpers.locks",
     "blocking": "helpers.locks",
-    "retry": "helpers.retry",
+    "retry": "helpers.retrying",  # module named apart from the function it exports
     "anomalies": "helpers.anomalies",
     "ddl": "helpers.ddl",
     "bulk": "helpers.bulk",

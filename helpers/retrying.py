@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import functools
 import random
-import sys
 import time
-import types
 from collections.abc import Callable
 
 RETRYABLE = frozenset({"40001", "40P01"})
@@ -86,13 +84,3 @@ def retry(
         return wrapper
 
     return decorate(fn) if fn is not None else decorate
-
-
-class _CallableModule(types.ModuleType):
-    """``helpers.retry`` is both this module and the function: ``from helpers import retry`` may give either."""
-
-    def __call__(self, *args, **kwargs):
-        return retry(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
