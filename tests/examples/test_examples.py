@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
-from helpers import assert_max_queries, models
+from helpers import Scenario, assert_max_queries, models
 from helpers.counting import TooManyQueries
 
 
@@ -113,3 +113,22 @@ def test_product_factory_uses_the_version_column(session):
     product.stock += 1
     session.flush()
     assert product.version == 2
+
+
+def test_atomic_decrement_waits_and_loses_no_update(test_engine):
+    # the session scheduler of chapters 03/04: two real sessions, the blocked step detected by the server
+    sc = Scenario(
+        name="examples_decrement",
+        database=test_engine.url.database,
+        setup=["INSERT INTO products (sku, name, price, stock, version) VALUES ('SCN-1', 'widget', 1, 10, 1)"],
+        teardown=["DELETE FROM products WHERE sku = 'SCN-1'"],
+        sessions={
+            "T1": {"steps": {"b1": "BEGIN", "u1": "UPDATE products SET stock = stock - 1 WHERE sku = 'SCN-1' RETURNING stock",
+                             "c1": "COMMIT"}},
+            "T2": {"steps": {"b2": "BEGIN", "u2": "UPDATE products SET stock = stock - 1 WHERE sku = 'SCN-1' RETURNING stock",
+                             "c2": "COMMIT"}},
+        },
+    )
+    tr = sc.run(["b1", "b2", "u1", "u2", "c1", "c2"])
+    assert tr.waited("u2") and not tr.waited("u1")
+    assert (tr.value("u1"), tr.value("u2")) == (9, 8)  # T2 re-read the row after T1 committed: nothing lost
