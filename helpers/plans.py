@@ -161,12 +161,31 @@ def _compile(statement, params: dict | None, dialect) -> tuple[str, dict, str]:
     processors = getattr(compiled, "_bind_processors", {}) or {}
     driver_params = {k: (processors[k](v) if k in processors else v) for k, v in bound.items()}
     try:
-        readable = str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
-        if params:
-            raise ValueError  # literal rendering does not know the extra params: show placeholders
-    except Exception:  # noqa: BLE001 - types that cannot be rendered as literals
-        readable = str(compiled)
+        shown = statement.params(**params) if params else statement  # the values in, for reading
+        readable = str(shown.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
+        if dialect.paramstyle in ("pyformat", "format"):
+            readable = readable.replace("%%", "%")  # no placeholders left: every %% is an escaped %
+    except Exception:  # noqa: BLE001 - untyped text() parameters: put the values in ourselves
+        readable = _inline(str(compiled), bound) if dialect.paramstyle == "pyformat" else str(compiled)
     return str(compiled), driver_params, readable
+
+
+def _literal(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if hasattr(value, "isoformat"):
+        value = value.isoformat()
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _inline(sql: str, values: dict) -> str:
+    """Readable SQL: pyformat placeholders replaced by literals, escaped %% back to %."""
+    out = re.sub(r"%\((\w+)\)s", lambda m: _literal(values.get(m.group(1))) if m.group(1) in values else m.group(0), sql)
+    return out.replace("%%", "%")
 
 
 def _options(analyze: bool, buffers: bool, timing: bool, settings_opt: bool) -> str:
@@ -215,7 +234,8 @@ def explain(
     def run(conn: Connection, prefix: str):
         for k, v in gucs.items():
             conn.execute(text("SELECT set_config(:k, :v, true)"), {"k": k, "v": v})
-        doc = conn.exec_driver_sql(prefix + sql, driver_params or None).scalar()
+        # always a dict: psycopg then reads %% (the escaped %) as %, with or without parameters
+        doc = conn.exec_driver_sql(prefix + sql, driver_params).scalar()
         if isinstance(doc, str):  # some drivers return the JSON as text
             import json
 
