@@ -43,6 +43,8 @@ _LAZY = {
     "bulk": "helpers.bulk",
     "pooling": "helpers.pooling",
     "pgbouncer": "helpers.pgbouncer",
+    "latency": "helpers.latency",
+    "exercises": "helpers.exercises",
 }
 
 
@@ -110,5 +112,5 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 __all__ = [
     "WorkbookError", "anomalies", "bulk", "ddl", "pgbouncer", "pooling", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
     "lab_schema", "locks", "make_engine", "measure", "models", "require_extension", "plots", "psycopg_conninfo", "record", "retry",
-    "Scenario", "settings", "setup", "socket_url", "where",
+    "Scenario", "settings", "setup", "socket_url", "where", "latency", "exercises",
 ]
