@@ -2,8 +2,11 @@
 
 Listens to the Engine's ``before_cursor_execute`` / ``after_cursor_execute`` events, so it
 sees exactly what reaches the driver: one entry per ``cursor.execute`` / ``executemany``
-(an ``insertmanyvalues`` batch is one statement, as it is on the server). Transaction control
-(BEGIN/COMMIT/ROLLBACK) is not a cursor execution and is not counted.
+(an ``insertmanyvalues`` batch is one statement, as it is on the server). A plain driver
+``executemany`` (UPDATE/DELETE, or INSERT without RETURNING, with a list of parameter sets) is one
+entry but runs once per set on the server: ``QueryLog.executions`` counts those as the server's
+``pg_stat_statements`` does. Transaction control (BEGIN/COMMIT/ROLLBACK) is not a cursor
+execution and is not counted.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ class Statement:
     def shape(self) -> str:
         return statement_shape(self.sql)
 
+    @property
+    def executions(self) -> int:
+        """Executions on the server: a driver ``executemany`` runs once per parameter set (psycopg pipelines them)."""
+        if self.executemany and isinstance(self.parameters, (list, tuple)):
+            return len(self.parameters)
+        return 1
+
 
 @dataclass
 class QueryLog:
@@ -56,6 +66,11 @@ class QueryLog:
     @property
     def count(self) -> int:
         return len(self.statements)
+
+    @property
+    def executions(self) -> int:
+        """What ``pg_stat_statements`` counts as calls: ``count``, with each executemany counted per parameter set."""
+        return sum(s.executions for s in self.statements)
 
     @property
     def total_s(self) -> float:

@@ -1,0 +1,171 @@
+"""Chapter 01 (loading): exercises, count_queries against pg_stat_statements, selectin batching, latency proxy."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text, update
+from sqlalchemy.orm import Session, selectinload
+
+from helpers import count_queries, exercises, get_engine, lab_schema, latency, models, setup, where
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_n_plus_one_and_loading.ipynb"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return setup(quiet=True)
+
+
+# ----------------------------------------------------------------------------- exercises
+def _starters() -> dict:
+    """The starter functions exactly as the notebook ships them (cells tagged ``exercise-starter``)."""
+    nb = json.loads(NOTEBOOK.read_text())
+    found = {}
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "exercise-starter" not in tags:
+            continue
+        name = next(t for t in tags if t != "exercise-starter")
+        ns = exercises.names()
+        before = set(ns)
+        exec("".join(cell["source"]), ns)  # noqa: S102 - the notebook's own cell, to prove it fails its checker
+        (fn_name,) = [k for k in ns if k not in before and callable(ns[k]) and not k.startswith("__")]
+        found[name] = ns[fn_name]
+    return found
+
+
+def test_every_exercise_has_a_starter_in_the_notebook():
+    assert set(_starters()) == set(exercises.EXERCISES)
+    assert len(exercises.EXERCISES) >= 3
+
+
+@pytest.mark.parametrize("name", sorted(exercises.EXERCISES))
+def test_reference_solution_passes_its_checker(engine, name):
+    verdict = exercises.check(name, exercises.EXERCISES[name].solution, engine)
+    assert verdict.passed, verdict
+    assert verdict.same_result and verdict.statements <= verdict.max_statements
+
+
+@pytest.mark.parametrize("name", sorted(exercises.EXERCISES))
+def test_untouched_starter_fails_its_checker(engine, name):
+    verdict = exercises.check(name, _starters()[name], engine)
+    assert not verdict.passed, verdict
+    assert verdict.same_result  # the starters are slow, not wrong: they fail on statements or rows
+    assert verdict.statements > verdict.max_statements or verdict.rows > verdict.max_rows
+
+
+def test_checker_reports_a_wrong_result_and_an_exception_without_raising(engine):
+    wrong = exercises.check("fix_listing", lambda s: exercises.solution_fix_listing(s)[:-1], engine)
+    assert not wrong.passed and not wrong.same_result and "differs" in wrong.message
+
+    def boom(session):
+        raise RuntimeError("oops")
+
+    raised = exercises.check("fix_listing", boom, engine)
+    assert not raised.passed and "RuntimeError" in raised.message
+
+
+# ----------------------------------------------------------------------------- loader counts
+@pytest.mark.parametrize("n", [1, 499, 500, 501, 1000, 1001])
+def test_selectin_sends_one_plus_ceil_n_over_500(engine, n):
+    User = models.User
+    stmt = select(User).order_by(User.id).limit(n).options(selectinload(User.posts))
+    with Session(engine) as session, count_queries(engine) as log:
+        users = session.scalars(stmt).all()
+    assert len(users) == n
+    assert log.count == 1 + math.ceil(n / 500)
+    assert [len(s.parameters) for s in log.statements[1:]] == [min(500, n - i) for i in range(0, n, 500)]
+
+
+# ----------------------------------------------------------------------------- count_queries vs the server
+STATS = text(
+    "SELECT queryid, calls FROM pg_stat_statements "
+    "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND query LIKE :pattern"
+)
+
+
+def test_count_queries_agrees_with_pg_stat_statements(engine):
+    if "pg_stat_statements" not in where()["extensions"]:
+        pytest.skip("pg_stat_statements is not installed on this server")
+    schema = lab_schema(engine, "loading")
+    name = f"probe_{uuid.uuid4().hex[:12]}"  # unique: no other session can add calls to these statements
+    md = MetaData(schema=schema)
+    t = Table(name, md, Column("id", Integer, primary_key=True), Column("v", String(20)))
+    md.create_all(engine)
+    try:
+        with engine.connect() as conn:
+            before = dict(conn.execute(STATS, {"pattern": f"%{name}%"}).all())
+        with count_queries(engine) as log:
+            with engine.begin() as conn:
+                conn.execute(insert(t), [{"id": i, "v": "a"} for i in range(20)])            # executemany
+                conn.execute(insert(t).returning(t.c.id), [{"id": i, "v": "b"} for i in range(20, 30)])  # insertmanyvalues
+                conn.execute(update(t).where(t.c.id == bindparam("k")).values(v=bindparam("nv")),
+                             [{"k": i, "nv": "c"} for i in range(5)])                       # executemany
+                for i in range(12):                                                           # an N+1 by hand
+                    conn.execute(select(t.c.v).where(t.c.id == i)).all()
+                conn.execute(select(t).order_by(t.c.id)).all()
+        with engine.connect() as conn:
+            after = dict(conn.execute(STATS, {"pattern": f"%{name}%"}).all())
+    finally:
+        md.drop_all(engine)
+    server_calls = sum(calls - before.get(qid, 0) for qid, calls in after.items())
+    assert log.count == 3 + 12 + 1
+    assert log.executions == 20 + 1 + 5 + 12 + 1
+    assert server_calls == log.executions, (server_calls, log.executions, log.count)
+
+
+# ----------------------------------------------------------------------------- the latency proxy
+def test_latency_proxy_adds_the_delay_counts_bytes_and_stops(engine):
+    direct = latency.round_trip_ms(engine)
+    with latency.latency_proxy(0) as proxy:
+        through = proxy.make_engine(pool_size=1)
+        base = latency.round_trip_ms(through)
+        proxy.set_delay(2.0)
+        delayed = latency.round_trip_ms(through, repeat=10)
+        with through.connect() as conn:
+            before = proxy.stats()["bytes"]["to_client"]
+            conn.execute(text("SELECT repeat('x', 100000)")).scalar()
+            moved = proxy.stats()["bytes"]["to_client"] - before
+        assert proxy.process.poll() is None
+    assert base < 2 + direct * 5
+    assert delayed > base + 3.5  # about 2 x 2 ms more per round trip
+    assert 100_000 <= moved < 110_000
+    assert proxy.process.poll() is not None  # stopped (and reaped) by the context manager
+
+
+def test_latency_proxy_bandwidth_limit_costs_time_per_byte():
+    with latency.latency_proxy(0) as proxy:
+        through = proxy.make_engine(pool_size=1)
+        q = text("SELECT repeat('x', 1000000)")
+        with through.connect() as conn:
+            conn.execute(q).scalar()
+            t0 = time.perf_counter()
+            conn.execute(q).scalar()
+            fast = time.perf_counter() - t0
+            proxy.set_bandwidth(80)  # 1 MB at 10 MB/s: at least 0.1 s
+            t0 = time.perf_counter()
+            conn.execute(q).scalar()
+            slow = time.perf_counter() - t0
+    assert slow >= 0.1 and slow > fast + 0.05
+
+
+def test_latency_proxy_exits_when_its_parent_goes_away():
+    proxy = latency.start_proxy(0)
+    try:
+        proxy.process.stdin.close()  # what the kernel does when the parent dies
+        proxy.process.wait(timeout=5)
+        assert proxy.process.returncode == 0
+    finally:
+        proxy.close()
+
+
+def test_url_goes_through_the_proxy():
+    with latency.latency_proxy(0) as proxy:
+        assert proxy.url.host == "127.0.0.1" and proxy.url.port == proxy.port
+        assert proxy.url.database == get_engine().url.database
