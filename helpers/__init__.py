@@ -58,6 +58,17 @@ def __getattr__(name: str):
     return value
 
 
+def _try_scalar(conn, sql: str):
+    """The value of ``sql``, or None when this role may not run it (inside a savepoint)."""
+    from sqlalchemy import text
+
+    try:
+        with conn.begin_nested():
+            return conn.execute(text(sql)).scalar()
+    except Exception:  # noqa: BLE001 - permission or missing extension: the caller reports None
+        return None
+
+
 def where() -> dict:
     """Where the workbook database is: kind, masked URL, server version, scale and seed state."""
     from sqlalchemy import text
@@ -70,7 +81,8 @@ def where() -> dict:
         version = conn.execute(text("SHOW server_version")).scalar()
         superuser = conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar()
         extensions = sorted(r[0] for r in conn.execute(text("SELECT extname FROM pg_extension")))
-        preload = conn.execute(text("SHOW shared_preload_libraries")).scalar()
+        preload = _try_scalar(conn, "SHOW shared_preload_libraries")  # needs pg_read_all_settings
+        pgss = _try_scalar(conn, "SELECT count(*) >= 0 FROM pg_stat_statements") is True
     info = seeded_info(engine) or {}
     return {
         "kind": "embedded" if is_embedded() else "DATABASE_URL",
@@ -79,6 +91,7 @@ def where() -> dict:
         "superuser": bool(superuser),
         "extensions": extensions,
         "shared_preload_libraries": preload,
+        "pg_stat_statements": pgss,
         "scale": info.get("scale"),
         "seed": info.get("seed"),
     }

@@ -249,8 +249,12 @@ def require_extension(engine: Engine, name: str) -> None:
 
     where = masked(engine.url)
     with engine.connect() as conn:
-        preload = conn.execute(text("SHOW shared_preload_libraries")).scalar() or ""
-        if name in _PRELOADED and name not in [p.strip() for p in preload.split(",")]:
+        try:
+            with conn.begin_nested():
+                preload = conn.execute(text("SHOW shared_preload_libraries")).scalar() or ""
+        except Exception:  # noqa: BLE001 - without pg_read_all_settings the setting is hidden
+            preload = None
+        if preload is not None and name in _PRELOADED and name not in [p.strip() for p in preload.split(",")]:
             raise WorkbookError(
                 f"{name} is not loaded on {where}: it must be in shared_preload_libraries (now {preload!r}). "
                 f"Add it (postgresql.conf or `-c shared_preload_libraries=pg_stat_statements,auto_explain`, as "
