@@ -329,7 +329,7 @@ def _initdb(p: Paths, bindir: Path) -> None:
     try:
         res = _run(
             [str(bindir / "initdb"), "-D", str(p.data), "-U", SUPERUSER, "--pwfile", str(pwfile),
-             "--auth=scram-sha-256", "--no-locale", "--encoding=UTF8", "--no-instructions"],
+             "--auth=scram-sha-256", "--no-locale", "--encoding=UTF8", "--no-instructions", "--no-sync"],
             p,
         )
     finally:
