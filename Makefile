@@ -70,7 +70,7 @@ bench: venv
 lock: venv
 	$(PY) -m pip install --quiet -r requirements.in
 	{ echo "# The exact, tested set that make and CI install. Regenerate with \`make lock\` after editing requirements.in."; \
-	  $(PY) -m pip freeze --exclude-editable; } > requirements.lock
+	  $(PY) -m pip list --format=freeze --exclude-editable --exclude pip; } > requirements.lock
 	$(PY) -m helpers lock-env
 
 clean:
