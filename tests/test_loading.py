@@ -1,4 +1,7 @@
-"""Chapter 01 (loading): exercises, count_queries against pg_stat_statements, selectin batching, latency proxy."""
+"""Chapter 01 (loading): exercises, count_queries against pg_stat_statements, selectin batching, latency proxy.
+
+The ``engine`` fixture (the shared workbook engine) comes from conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +15,9 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
-from helpers import count_queries, exercises, get_engine, lab_schema, latency, models, setup, where
+from helpers import count_queries, exercises, get_engine, lab_schema, latency, models, where
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_n_plus_one_and_loading.ipynb"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return setup(quiet=True)
 
 
 # ----------------------------------------------------------------------------- exercises
