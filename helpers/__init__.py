@@ -40,6 +40,9 @@ _LAZY = {
     "retry": "helpers.retrying",  # module named apart from the function it exports
     "anomalies": "helpers.anomalies",
     "ddl": "helpers.ddl",
+    "monitoring": "helpers.monitoring",
+    "schema_database": "helpers.testdb",
+    "copied_database": "helpers.testdb",
     "bulk": "helpers.bulk",
     "pooling": "helpers.pooling",
     "pgbouncer": "helpers.pgbouncer",
@@ -126,4 +129,5 @@ __all__ = [
     "WorkbookError", "anomalies", "bulk", "ddl", "pgbouncer", "pooling", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
     "lab_schema", "locks", "make_engine", "measure", "models", "require_extension", "plots", "psycopg_conninfo", "record", "retry",
     "Scenario", "settings", "setup", "socket_url", "where", "latency", "exercises",
+    "monitoring", "schema_database", "copied_database",
 ]
