@@ -104,10 +104,19 @@ def schema_of(engine: Engine) -> str:
     return engine.get_execution_options().get("schema_translate_map", {}).get(SCHEMA, SCHEMA)
 
 
+LOCK_TIMEOUT = "10s"  # DDL and TRUNCATE on the scratch tables never wait longer than this
+
+
+def _bounded(conn) -> None:
+    conn.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": LOCK_TIMEOUT})
+
+
 def create_scratch(engine: Engine) -> str:
     """Drop and re-create the scratch tables (only they) so a run starts clean; returns the schema."""
-    ScratchBase.metadata.drop_all(engine)
-    ScratchBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        _bounded(conn)
+        ScratchBase.metadata.drop_all(conn)
+        ScratchBase.metadata.create_all(conn)
     return schema_of(engine)
 
 
@@ -118,6 +127,7 @@ def _qualified(engine: Engine, table: str) -> pgsql.Composed:
 def truncate_items(engine: Engine) -> None:
     """Empty the bulk-write target and restart its identity."""
     with engine.begin() as conn:
+        _bounded(conn)
         conn.execute(text(f"TRUNCATE {_qualified(engine, 'items').as_string()} RESTART IDENTITY"))
 
 
@@ -131,6 +141,7 @@ def fill_events(engine: Engine, n: int) -> None:
     """n events made on the server: doc {"kind", "user_id", "amount"} (kind 1 in 5, user_id 1 in 997), tags (urgent ~1 %), then VACUUM ANALYZE."""
     table = _qualified(engine, "events").as_string()
     with engine.begin() as conn:
+        _bounded(conn)
         conn.execute(text(f"TRUNCATE {table}"))
         conn.execute(text(f"""
             INSERT INTO {table} (id, doc, tags)
@@ -140,7 +151,11 @@ def fill_events(engine: Engine, n: int) -> None:
             FROM generate_series(1, :n) AS g"""), {"n": n})
     # VACUUM moves the GIN pending list into the index proper; the planner prices a long pending list high
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f"VACUUM ANALYZE {table}"))
+        conn.execute(text("SELECT set_config('lock_timeout', :v, false)"), {"v": LOCK_TIMEOUT})
+        try:
+            conn.execute(text(f"VACUUM ANALYZE {table}"))
+        finally:
+            conn.execute(text("RESET lock_timeout"))
 
 
 class _Explain(Executable, ClauseElement):
