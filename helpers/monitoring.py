@@ -261,16 +261,23 @@ def reset_statements(engine: Engine, database: str | None = None) -> None:
     """Reset pg_stat_statements for ONE database only (never the whole cluster); needs superuser."""
     with engine.connect() as conn:
         conn.execute(
-            text("SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database "
-                 "WHERE datname = coalesce(:db, current_database())), 0)"),
+            text(
+                "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database "
+                "WHERE datname = coalesce(:db, current_database())), 0)"
+            ),
             {"db": database},
         )
         conn.commit()
 
 
 def top_statements(
-    engine: Engine, database: str | None = None, *, order_by: str = "total_ms", limit: int = 10,
-    like: str | None = None, utility: bool = False,
+    engine: Engine,
+    database: str | None = None,
+    *,
+    order_by: str = "total_ms",
+    limit: int = 10,
+    like: str | None = None,
+    utility: bool = False,
 ) -> pd.DataFrame:
     """pg_stat_statements rows of one database: calls, total/mean time, rows, cache hits; top ``limit``.
 
@@ -291,7 +298,9 @@ def top_statements(
         LIMIT :limit
     """
     with engine.connect() as conn:
-        return pd.read_sql_query(text(sql), conn, params={"db": database, "like": like, "limit": limit, "utility": utility})
+        return pd.read_sql_query(
+            text(sql), conn, params={"db": database, "like": like, "limit": limit, "utility": utility}
+        )
 
 
 # ----------------------------------------------------------------------------- auto_explain
@@ -351,15 +360,20 @@ class PrometheusMetrics:
     The pool gauges are chapter 05's ``helpers.pooling.PoolCollector`` registered on the same registry.
     """
 
-    def __init__(self, engine: Engine | None = None, pool_name: str = "workbook",
-                 buckets: Iterable[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)):
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        pool_name: str = "workbook",
+        buckets: Iterable[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5),
+    ):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
         self.requests = Counter("app_requests", "HTTP requests", ["path", "status"], registry=self.registry)
         self.statements = Counter("app_db_statements", "SQL statements sent", ["path"], registry=self.registry)
-        self.db_time = Histogram("app_db_time_seconds", "database time per request", ["path"],
-                                 buckets=tuple(buckets), registry=self.registry)
+        self.db_time = Histogram(
+            "app_db_time_seconds", "database time per request", ["path"], buckets=tuple(buckets), registry=self.registry
+        )
         if engine is not None:
             from .pooling import PoolCollector
 

@@ -59,7 +59,9 @@ def copied_database(suffix: str, tables: dict[str, str | None], **engine_kw) -> 
             seq = conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table}).scalar()
             if seq:
                 quoted = conn.dialect.identifier_preparer.quote(table)
-                conn.execute(text(f"SELECT setval(:s, coalesce((SELECT max(id) FROM {quoted}), 0) + 1, false)"), {"s": seq})
+                conn.execute(
+                    text(f"SELECT setval(:s, coalesce((SELECT max(id) FROM {quoted}), 0) + 1, false)"), {"s": seq}
+                )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("ANALYZE"))
     return engine

@@ -35,9 +35,12 @@ def shared(engine):
 def test_copied_database_has_the_rows_and_working_sequences(own):
     with own.begin() as conn:
         assert conn.execute(text("SELECT count(*), max(id) FROM users")).one() == (50, 50)
-        new_id = conn.execute(text(
-            "INSERT INTO users (email, name, region, country, attributes) "
-            "VALUES ('seq@example.test', 'Seq', 'eu', 'DE', '{}') RETURNING id")).scalar()
+        new_id = conn.execute(
+            text(
+                "INSERT INTO users (email, name, region, country, attributes) "
+                "VALUES ('seq@example.test', 'Seq', 'eu', 'DE', '{}') RETURNING id"
+            )
+        ).scalar()
         conn.rollback()
     assert new_id == 51
 
@@ -78,8 +81,12 @@ def test_middleware_headers_count_the_statements_of_each_request(own):
     app = mon.QueryMetricsMiddleware(mon.blog_app(own, limit=10), own)
     try:
         with own.connect() as conn:
-            k = conn.execute(text("SELECT count(DISTINCT user_id) FROM (SELECT user_id FROM posts WHERE published "
-                                  "ORDER BY id DESC LIMIT 10) p")).scalar()
+            k = conn.execute(
+                text(
+                    "SELECT count(DISTINCT user_id) FROM (SELECT user_id FROM posts WHERE published "
+                    "ORDER BY id DESC LIMIT 10) p"
+                )
+            ).scalar()
         lazy, fixed, health = (mon.wsgi_get(app, p) for p in ("/posts", "/posts-fixed", "/health"))
     finally:
         app.close()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 
-import example_factories
 import pytest
 from sqlalchemy.orm import Session
 
 from helpers import drop_database, setup
 from helpers.testdb import schema_database
+
+from . import example_factories
 
 
 @pytest.fixture(scope="session")

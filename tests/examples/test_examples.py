@@ -7,7 +7,6 @@ application's service layer.
 from __future__ import annotations
 
 import pytest
-from example_factories import CommentFactory, PostFactory, ProductFactory, UserFactory
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -15,6 +14,8 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from helpers import Scenario, assert_max_queries, models
 from helpers.counting import TooManyQueries
+
+from .example_factories import CommentFactory, PostFactory, ProductFactory, UserFactory
 
 
 # ----------------------------------------------------------------------------- code under test
@@ -123,10 +124,20 @@ def test_atomic_decrement_waits_and_loses_no_update(test_engine):
         setup=["INSERT INTO products (sku, name, price, stock, version) VALUES ('SCN-1', 'widget', 1, 10, 1)"],
         teardown=["DELETE FROM products WHERE sku = 'SCN-1'"],
         sessions={
-            "T1": {"steps": {"b1": "BEGIN", "u1": "UPDATE products SET stock = stock - 1 WHERE sku = 'SCN-1' RETURNING stock",
-                             "c1": "COMMIT"}},
-            "T2": {"steps": {"b2": "BEGIN", "u2": "UPDATE products SET stock = stock - 1 WHERE sku = 'SCN-1' RETURNING stock",
-                             "c2": "COMMIT"}},
+            "T1": {
+                "steps": {
+                    "b1": "BEGIN",
+                    "u1": "UPDATE products SET stock = stock - 1 WHERE sku = 'SCN-1' RETURNING stock",
+                    "c1": "COMMIT",
+                }
+            },
+            "T2": {
+                "steps": {
+                    "b2": "BEGIN",
+                    "u2": "UPDATE products SET stock = stock - 1 WHERE sku = 'SCN-1' RETURNING stock",
+                    "c2": "COMMIT",
+                }
+            },
         },
     )
     tr = sc.run(["b1", "b2", "u1", "u2", "c1", "c2"])
