@@ -11,7 +11,7 @@ import functools
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, NullPool, create_engine
 from sqlalchemy.engine import URL, make_url
 
 from . import server
@@ -166,55 +166,98 @@ def socket_url(database: str | None = None) -> URL | None:
 CLONE_COMMENT = "qo-workbook clone"
 
 
+TEMPLATE_SUFFIX = "tpl"
+
+
+def _copy_database(admin, name: str, source: str) -> bool:
+    """CREATE DATABASE name TEMPLATE source; False when sessions on source prevent the copy."""
+    import time
+
+    for _ in range(3):
+        try:
+            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source)))
+            return True
+        except psycopg.errors.ObjectInUse:
+            time.sleep(0.2)
+        except psycopg.errors.InsufficientPrivilege:
+            raise WorkbookError(
+                f"Cannot create the scratch database {name!r}: this role lacks CREATEDB. Ask the server's "
+                "administrator for CREATEDB (ALTER ROLE ... CREATEDB) or run the chapter on the embedded server."
+            ) from None
+    return False
+
+
+def _new_database(admin, name: str, source: str | None) -> bool:
+    """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied."""
+    copied = bool(source) and _copy_database(admin, name, source)
+    if not copied:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
+    return copied
+
+
+def _template(admin, base: URL) -> str:
+    """An idle, up-to-date copy of the seeded database (``<db>_tpl``) that clones are made from.
+
+    Nobody works in it, so ``CREATE DATABASE ... TEMPLATE`` from it never meets other sessions
+    (a copy straight from the shared database fails whenever another notebook is connected).
+    Re-made when the seeded data changes (scale, seed, or the generator).
+    """
+    from . import seed
+    from .config import settings
+
+    name = f"{base.database}_{TEMPLATE_SUFFIX}"
+    s = settings()
+    exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    if exists:
+        eng = create_engine(base.set(database=name), poolclass=NullPool)
+        try:
+            fresh = seed.is_seeded(eng, s.scale, s.seed)
+        finally:
+            eng.dispose()
+        if fresh:
+            return name
+        drop_database(TEMPLATE_SUFFIX)
+    for eng in _engines.values():  # our own pooled connections to the source would block the copy
+        eng.dispose()
+    if not _new_database(admin, name, base.database):
+        eng = create_engine(base.set(database=name), poolclass=NullPool)
+        try:
+            seed.seed(eng, force=True)  # deterministic: the same bytes as the shared database
+        finally:
+            eng.dispose()
+    return name
+
+
 def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
     """A database of the chapter's own, ``<workbook db>_<suffix>``, holding a copy of the seeded data.
 
     Chapters that change schema or data (migrations, tests) work here, never in the shared
-    database. Re-created on every call (only a database this function created is ever dropped).
-    The copy is ``CREATE DATABASE ... TEMPLATE <workbook db>``; when other sessions are connected
-    to the workbook database (PostgreSQL then refuses a template copy) it is seeded afresh, which
-    gives the same bytes because the seed is deterministic. Needs CREATEDB on a shared server.
+    database. Re-created on every call (only a database the workbook created is ever dropped).
+    Copied with ``CREATE DATABASE ... TEMPLATE`` from an idle template of the seeded database,
+    made once (see ``_template``). Needs CREATEDB on a shared server.
     """
-    import time
-
-    from sqlalchemy import text
-
-    if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix:
-        raise ValueError(f"suffix must be lower-case letters, digits, underscores: {suffix!r}")
+    if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix or suffix == TEMPLATE_SUFFIX:
+        raise ValueError(f"suffix must be lower-case letters, digits, underscores (not {TEMPLATE_SUFFIX!r}): {suffix!r}")
     base = database_url()
     name = f"{base.database}_{suffix}"
     drop_database(suffix)
-    # our own pooled connections to the template would block the copy
-    for eng in _engines.values():
-        eng.dispose()
-    copied = False
-    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
-        for _ in range(3):
-            try:
-                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(base.database)))
-                copied = True
-                break
-            except psycopg.errors.ObjectInUse:
-                time.sleep(0.2)
-            except psycopg.errors.InsufficientPrivilege:
-                raise WorkbookError(
-                    f"Cannot create the scratch database {name!r}: the role {base.username!r} lacks CREATEDB. "
-                    "Ask the server's administrator for CREATEDB (ALTER ROLE ... CREATEDB) or run the chapter "
-                    "on the embedded server."
-                ) from None
-        if not copied:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
+    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", (_CLONE_LOCK,))  # one template maker at a time
+        try:
+            template = _template(admin, base)
+            copied = _new_database(admin, name, template)
+        finally:
+            admin.execute("SELECT pg_advisory_unlock(%s)", (_CLONE_LOCK,))
     engine = create_engine(base.set(database=name), **(engine_kw or {}))
-    if not copied:
+    if not copied:  # someone was connected to the template after all: seed afresh
         from . import seed
 
         seed.seed(engine, force=True)
-    else:
-        with engine.begin() as conn:
-            conn.execute(text("SELECT 1"))
     return engine
+
+
+_CLONE_LOCK = 0x514F5743
 
 
 def drop_database(suffix: str) -> bool:

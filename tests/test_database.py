@@ -1,0 +1,46 @@
+"""Databases of a chapter's own: clones of the seeded data, dropped only when the workbook made them."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy import text
+
+from helpers import WorkbookError, clone_database, drop_database
+from helpers.database import _libpq_kwargs, database_url
+
+
+def test_clone_is_a_private_copy(engine):
+    clone = clone_database("t_clone")
+    try:
+        with clone.begin() as c:
+            assert c.execute(text("SELECT current_database()")).scalar().endswith("_t_clone")
+            n = c.execute(text("SELECT count(*) FROM posts")).scalar()
+            c.execute(text("DELETE FROM comments"))
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM posts")).scalar() == n
+            assert c.execute(text("SELECT count(*) FROM comments")).scalar() > 0, "the shared data must be untouched"
+    finally:
+        clone.dispose()
+        assert drop_database("t_clone") is True
+    assert drop_database("t_clone") is False
+
+
+def test_drop_database_refuses_what_the_workbook_did_not_create(engine):
+    base = database_url()
+    name = f"{base.database}_t_foreign"
+    admin = _libpq_kwargs(base.set(database="postgres"))
+    with psycopg.connect(**admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with pytest.raises(WorkbookError, match="was not created by the workbook"):
+            drop_database("t_foreign")
+        with pytest.raises(WorkbookError, match="was not created by the workbook"):
+            clone_database("t_foreign")
+        with psycopg.connect(**admin, autocommit=True) as conn:
+            assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    finally:
+        with psycopg.connect(**admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
