@@ -62,15 +62,15 @@ class Exercise:
 EXERCISES: dict[str, Exercise] = {
     "fix_listing": Exercise(
         "fix_listing", f"Fix the N+1: the {LISTING_SIZE} newest users with their post titles", 2,
-        solution_fix_listing, hint="an eager loader option on the users' SELECT: which one sends one extra statement?"),
+        solution_fix_listing, hint="add an eager loader option to the users' SELECT; which one sends a single extra statement?"),
     "nested_page": Exercise(
         "nested_page", f"A nested page: {NESTED_SIZE} users -> posts -> comment counts in at most 3 statements", 3,
-        solution_nested_page, hint="loader options chain along a path: User.posts, then Post.comments"),
+        solution_nested_page, hint="loader options chain along a path: User.posts, then Post.comments."),
     "no_cartesian": Exercise(
         "no_cartesian", f"Users {PAGE[0]}-{PAGE[1]} with posts and orders, no cartesian explosion", 3,
         solution_no_cartesian,
         max_rows=lambda ref: len(ref) + sum(len(r[1]) + len(r[2]) for r in ref),
-        hint="two collections joined at once multiply: rows = posts x orders per user"),
+        hint="two collections joined at once multiply: rows = posts x orders per user."),
 }
 
 
@@ -149,7 +149,7 @@ def check(name: str, fn: Callable[[Session], list], engine: Engine | None = None
     if passed:
         message = f"{statements} statement(s), {rows:,} rows, same result as the reference."
     else:
-        message = "; ".join(problems) + (f". Hint: {ex.hint}." if ex.hint else ".")
+        message = "; ".join(problems) + "." + (f" Hint: {ex.hint}" if ex.hint else "")
     return Verdict(name, ex.title, passed, statements, ex.max_statements, rows, max_rows, same, message)
 
 
