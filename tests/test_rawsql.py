@@ -82,7 +82,8 @@ def test_allow_list_rejects_everything_else(bad):
 def test_users_sorted_uses_the_chosen_column(engine):
     with Session(engine) as session:
         by_name = [r.id for r in bulk.users_sorted(session, "name")]
-    assert by_name == [1, 10, 100, 1000, 1001]
+        n_users = session.execute(select(func.count()).select_from(User)).scalar_one()
+    assert by_name == sorted(range(1, n_users + 1), key=lambda i: f"User {i}")[:5]  # [1, 10, 100, 1000, 1001] at ci
 
 
 def test_bound_parameters_resist_the_injection_strings(engine):
