@@ -143,8 +143,10 @@ LOADS: dict[str, str] = {
         INSERT INTO accounts (id, user_id, balance)
         SELECT g, g, round((100 + {_u(81)} * 900)::numeric, 2) FROM generate_series(1, :users) AS g""",
 }
-# two parallel lanes of about equal work; order_items must precede orders
-_LANES = [["comments", "tags", "products", "order_items", "orders"], ["users", "profiles", "posts", "post_tags", "accounts"]]
+# units of work, most expensive first; two workers take the next one when free. A unit is one
+# transaction (create, load, keys, indexes); order_items must precede orders (its totals).
+_UNITS = [["comments"], ["post_tags"], ["posts"], ["order_items", "orders"], ["users"], ["profiles"],
+          ["accounts"], ["products"], ["tags"]]
 
 
 def _bare_table_ddl(table, dialect) -> str:
@@ -295,14 +297,18 @@ def seed(
             by_name = {t.name: t for t in tables}
             rows: dict[str, int] = {}
 
-            def run_lane(lane: list[str]) -> None:
-                # each table is created in the transaction that loads it: with wal_level=minimal
-                # (the embedded server's setting) its data then skips the WAL entirely
+            def run_unit(unit: list[str]) -> None:
+                # created, loaded and indexed in one transaction: with wal_level=minimal (the embedded
+                # server's setting) neither the rows nor the index builds are written to the WAL
                 with engine.begin() as conn:
                     conn.execute(text("SET LOCAL synchronous_commit = off"))
-                    for name in lane:  # keys, indexes and foreign keys after the load
-                        conn.exec_driver_sql(_bare_table_ddl(by_name[name], engine.dialect))
+                    conn.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
+                    for name in unit:
+                        table = by_name[name]
+                        conn.exec_driver_sql(_bare_table_ddl(table, engine.dialect))
                         rows[name] = conn.execute(text(LOADS[name]), params).rowcount
+                        for stmt in _key_constraints(table) + [CreateIndex(ix) for ix in table.indexes]:
+                            conn.execute(stmt)
                         if bar:
                             bar.update(1)
 
@@ -312,15 +318,9 @@ def seed(
                     for stmt in stmts:
                         conn.execute(stmt)
 
-            with ThreadPoolExecutor(2) as pool:
-                list(pool.map(run_lane, _LANES))
-                stages["load"] = time.perf_counter() - t0
-                # keys and indexes, largest tables first, dealt to two lanes
-                ddl = [(t.name, stmt) for t in sorted(tables, key=lambda t: -rows.get(t.name, 0))
-                       for stmt in _key_constraints(t) + [CreateIndex(ix) for ix in t.indexes]]
-                ix_lanes = [[stmt for _, stmt in ddl[0::2]], [stmt for _, stmt in ddl[1::2]]]
-                list(pool.map(run_ddl, ix_lanes))
-                stages["indexes"] = time.perf_counter() - t0 - sum(stages.values())
+            with ThreadPoolExecutor(2) as pool:  # two workers, each taking the next unit when free
+                list(pool.map(run_unit, _UNITS))
+            stages["load_and_index"] = time.perf_counter() - t0
             # foreign keys in two lanes too: each ALTER locks its child table, then its parent; the
             # foreign-key graph has no cycle, so two lanes may wait on each other but never deadlock
             fk_ddl = [AddConstraint(fk) for fk in sorted(fks, key=lambda fk: -rows.get(fk.table.name, 0))]
