@@ -182,21 +182,21 @@ def rows_for(n: int) -> list[dict]:
 
 
 def orm_add_all(engine: Engine, n: int) -> None:
-    """Unit of work: n Item objects, add_all, commit (one INSERT ... RETURNING batch per 1000)."""
+    """Unit of work: n Item objects, add_all, commit (insertmanyvalues: one INSERT ... RETURNING per 1000 rows)."""
     with Session(engine) as session:
         session.add_all([Item(name=f"item {i}", value=i) for i in range(1, n + 1)])
         session.commit()
 
 
 def orm_bulk_insert(engine: Engine, n: int) -> None:
-    """ORM bulk INSERT: session.execute(insert(Item), list of dicts) -> insertmanyvalues, no objects."""
+    """ORM bulk INSERT: session.execute(insert(Item), list of dicts) -> one executemany, no objects."""
     with Session(engine) as session:
         session.execute(insert(Item), rows_for(n))
         session.commit()
 
 
 def core_executemany(engine: Engine, n: int) -> None:
-    """Core insert() with a list of dicts (executemany, batched into multi-row VALUES)."""
+    """Core insert() with a list of dicts: one executemany (psycopg 3 pipelines the rows)."""
     with engine.begin() as conn:
         conn.execute(insert(Item.__table__), rows_for(n))
 
