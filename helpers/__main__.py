@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             res = fn(engine, scale=args.scale, force=args.force, progress=True)
             print(f"{res['scale']}: {res['rows']:,} rows in {res['seconds']:.1f}s "
                   f"({res['rows'] / res['seconds']:,.0f} rows/s)")
-            print(res["tables"].to_string(index=False))
+            for table, n in res["tables"].items():
+                print(f"  {table:<12} {n:>12,}")
+            print("  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["stages"].items()))
             return 0
         if args.command == "bench":
             from .bench import bench_seed
