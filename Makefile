@@ -45,7 +45,7 @@ test: venv db-start
 test-pg15: venv
 	@test -x $(PG15_BIN)/postgres || { echo "no PostgreSQL 15 server in $(PG15_BIN) (apt-get install postgresql-15)"; exit 1; }
 	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m helpers db start
-	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m pytest tests/test_server.py tests/test_seed.py $(wildcard tests/test_plans.py) $(wildcard $(VERSIONED)) $(NBMAKE)
+	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m pytest tests/test_server.py tests/test_seed.py tests/test_plans.py tests/test_migrations.py $(VERSIONED) $(NBMAKE)
 	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m helpers db stop
 
 lint: venv
