@@ -605,6 +605,10 @@ def _grid_figure(plans: list[Plan], titles: list[str], suptitle: str | None, sha
         ax_tree.set_title(t, loc="left", fontsize=11, fontweight="bold")
     if suptitle:
         fig.suptitle(suptitle, fontsize=13, fontweight="bold", x=0.01, ha="left")
+    if any(p.analyzed for p in plans):
+        fig.text(0.01, 0.0, "bar = the node's own (exclusive) time; colour = its share of the run: red ≥ 50 %, "
+                 "orange ≥ 20 %, yellow ≥ 5 %.  rows actual / estimated (× loops);  ⚠ ×10, ‼ ×100 misestimate",
+                 fontsize=8, color="#555", va="top", ha="left")
     return fig
 
 
