@@ -129,9 +129,10 @@ class Plan:
         return df[["id", "node_type", "relation", "plan_rows", "actual_rows", "loops", "misestimate", "estimate"]]
 
     def summary(self) -> dict:
+        """Execution and planning time, node count, root node and the plan's shared buffers."""
+        r = _records(self.nodes.head(1))[0]
         return {"execution_ms": self.execution_ms, "planning_ms": self.planning_ms, "nodes": len(self.nodes),
-                "root": self.root["node_type"], "shared_hit": int(self.root["shared_hit"] or 0),
-                "shared_read": int(self.root["shared_read"] or 0)}
+                "root": r["node_type"], "shared_hit": int(r["shared_hit"] or 0), "shared_read": int(r["shared_read"] or 0)}
 
     def __repr__(self) -> str:
         t = f"{self.execution_ms:.2f} ms" if self.execution_ms is not None else f"cost {self.root['total_cost']:.0f}"

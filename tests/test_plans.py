@@ -181,6 +181,8 @@ def test_plain_explain_without_analyze(engine):
     assert not plan.analyzed and plan.execution_ms is None
     assert plan.node_types == ["Seq Scan"]                       # comments.user_id is unindexed on purpose
     assert plan.nodes["exclusive_ms"].isna().all()
+    assert plan.summary()["shared_hit"] == 0 and plan.shared_blocks == 0   # no BUFFERS asked for
+    assert "Seq Scan on comments" in plan.text and "Execution Time" not in plan.text
 
 
 def test_repeat_and_compare(engine):
