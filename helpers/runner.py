@@ -28,7 +28,8 @@ def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
     total0 = time.perf_counter()
     for path in notebooks(selected):
         nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
         t0 = time.perf_counter()
         print(f"▶ {path.name} ...", end="", flush=True)
         failed = None
