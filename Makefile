@@ -50,7 +50,7 @@ test-pg15: venv
 
 lint: venv
 	$(PY) -m ruff check helpers tests notebooks migrations
-	$(PY) -m ruff format --check helpers tests
+	$(PY) -m ruff format --check helpers tests migrations
 
 db-start: venv
 	$(PY) -m helpers db start

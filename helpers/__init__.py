@@ -120,14 +120,47 @@ def setup(scale: str | None = None, *, quiet: bool = False):
     if not quiet:
         w = where()
         state = "seeded just now" if seeded_now else "already seeded"
-        print(f"workbook database: {w['kind']} PostgreSQL {w['server_version']} at {w['url']} "
-              f"| scale {scale}, seed {s.seed} ({state})")
+        print(
+            f"workbook database: {w['kind']} PostgreSQL {w['server_version']} at {w['url']} "
+            f"| scale {scale}, seed {s.seed} ({state})"
+        )
     return engine
 
 
 __all__ = [
-    "WorkbookError", "anomalies", "bulk", "ddl", "pgbouncer", "pooling", "assert_max_queries", "blocking", "clone_database", "drop_database", "compare", "count_queries", "explain", "get_engine", "is_embedded",
-    "lab_schema", "locks", "make_engine", "measure", "models", "require_extension", "plots", "psycopg_conninfo", "record", "retry",
-    "Scenario", "settings", "setup", "socket_url", "where", "latency", "exercises",
-    "monitoring", "schema_database", "copied_database",
+    "WorkbookError",
+    "anomalies",
+    "bulk",
+    "ddl",
+    "pgbouncer",
+    "pooling",
+    "assert_max_queries",
+    "blocking",
+    "clone_database",
+    "drop_database",
+    "compare",
+    "count_queries",
+    "explain",
+    "get_engine",
+    "is_embedded",
+    "lab_schema",
+    "locks",
+    "make_engine",
+    "measure",
+    "models",
+    "require_extension",
+    "plots",
+    "psycopg_conninfo",
+    "record",
+    "retry",
+    "Scenario",
+    "settings",
+    "setup",
+    "socket_url",
+    "where",
+    "latency",
+    "exercises",
+    "monitoring",
+    "schema_database",
+    "copied_database",
 ]

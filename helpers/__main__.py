@@ -14,8 +14,11 @@ def _db(action: str) -> int:
     from .database import database_url, is_embedded, masked
 
     if action in ("start", "stop", "log") and not is_embedded():
-        print(f"DATABASE_URL is set ({masked(database_url())}): the workbook starts nothing; "
-              "manage that server yourself.", file=sys.stderr)
+        print(
+            f"DATABASE_URL is set ({masked(database_url())}): the workbook starts nothing; "
+            "manage that server yourself.",
+            file=sys.stderr,
+        )
         return 0 if action != "log" else 1
     if action == "start":
         import time
@@ -23,8 +26,10 @@ def _db(action: str) -> int:
         t0 = time.perf_counter()
         info = server.start()
         database_url()  # creates the workbook database
-        print(f"PostgreSQL {info.major} running on 127.0.0.1:{info.port} (pid {info.pid}, data {info.data_dir}) "
-              f"in {time.perf_counter() - t0:.2f}s")
+        print(
+            f"PostgreSQL {info.major} running on 127.0.0.1:{info.port} (pid {info.pid}, data {info.data_dir}) "
+            f"in {time.perf_counter() - t0:.2f}s"
+        )
     elif action == "stop":
         print("stopped" if server.stop() else "not running")
     elif action == "status":
@@ -76,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             fn = seed.seed if args.command == "seed" else seed.reset
             res = fn(engine, scale=args.scale, force=args.force, progress=True)
-            print(f"{res['scale']}: {res['rows']:,} rows in {res['seconds']:.1f}s "
-                  f"({res['rows'] / res['seconds']:,.0f} rows/s)")
+            print(
+                f"{res['scale']}: {res['rows']:,} rows in {res['seconds']:.1f}s "
+                f"({res['rows'] / res['seconds']:,.0f} rows/s)"
+            )
             for table, n in res["tables"].items():
                 print(f"  {table:<12} {n:>12,}")
             print("  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["stages"].items()))

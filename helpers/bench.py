@@ -42,20 +42,28 @@ def bench_seed(scale: str) -> dict:
     pgb_db = _fresh_db("bench_pgbench")
     env = {**os.environ, "WORKBOOK_DB": seed_db, "WORKBOOK_SCALE": scale}
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "helpers", "seed", "--scale", scale], env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "helpers", "seed", "--scale", scale], env=env, capture_output=True, text=True
+    )
     seed_s = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(res.stderr)
     with psycopg.connect(**_libpq_kwargs(base.set(database=seed_db))) as conn:
         from .models import TABLES
 
-        seed_rows = sum(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))).fetchone()[0]
-                        for t in TABLES)
+        seed_rows = sum(
+            conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))).fetchone()[0] for t in TABLES
+        )
     pg_scale = max(1, round(seed_rows / 100_000))
     pgbench = (server.bin_dir() / "pgbench") if is_embedded() else "pgbench"
-    penv = {**os.environ, "PGPASSWORD": base.password or "", "PGHOST": base.host or "localhost",
-            "PGPORT": str(base.port or 5432), "PGUSER": base.username or "", "PGDATABASE": pgb_db}
+    penv = {
+        **os.environ,
+        "PGPASSWORD": base.password or "",
+        "PGHOST": base.host or "localhost",
+        "PGPORT": str(base.port or 5432),
+        "PGUSER": base.username or "",
+        "PGDATABASE": pgb_db,
+    }
     t0 = time.perf_counter()
     res = subprocess.run([str(pgbench), "-i", "-q", "-s", str(pg_scale)], env=penv, capture_output=True, text=True)
     pgb_s = time.perf_counter() - t0
@@ -63,13 +71,21 @@ def bench_seed(scale: str) -> dict:
         raise RuntimeError(res.stderr)
     pgb_rows = 100_000 * pg_scale + 10 * pg_scale + pg_scale
     out = {
-        "scale": scale, "seed_rows": seed_rows, "seed_s": seed_s, "seed_rows_per_s": seed_rows / seed_s,
-        "pgbench_scale": pg_scale, "pgbench_rows": pgb_rows, "pgbench_s": pgb_s,
-        "pgbench_rows_per_s": pgb_rows / pgb_s, "ratio": (seed_rows / seed_s) / (pgb_rows / pgb_s),
+        "scale": scale,
+        "seed_rows": seed_rows,
+        "seed_s": seed_s,
+        "seed_rows_per_s": seed_rows / seed_s,
+        "pgbench_scale": pg_scale,
+        "pgbench_rows": pgb_rows,
+        "pgbench_s": pgb_s,
+        "pgbench_rows_per_s": pgb_rows / pgb_s,
+        "ratio": (seed_rows / seed_s) / (pgb_rows / pgb_s),
     }
     drop_database("bench_seed")
     drop_database("bench_pgbench")
     print(f"seed --scale {scale}: {seed_rows:>12,} rows in {seed_s:7.2f} s = {out['seed_rows_per_s']:>12,.0f} rows/s")
-    print(f"pgbench -i -s {pg_scale:<4}: {pgb_rows:>12,} rows in {pgb_s:7.2f} s = {out['pgbench_rows_per_s']:>12,.0f} rows/s")
+    print(
+        f"pgbench -i -s {pg_scale:<4}: {pgb_rows:>12,} rows in {pgb_s:7.2f} s = {out['pgbench_rows_per_s']:>12,.0f} rows/s"
+    )
     print(f"ratio seed / pgbench: {out['ratio']:.2f}")
     return out

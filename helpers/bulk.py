@@ -143,12 +143,15 @@ def fill_events(engine: Engine, n: int) -> None:
     with engine.begin() as conn:
         _bounded(conn)
         conn.execute(text(f"TRUNCATE {table}"))
-        conn.execute(text(f"""
+        conn.execute(
+            text(f"""
             INSERT INTO {table} (id, doc, tags)
             SELECT g,
                    jsonb_build_object('kind', 'kind-' || (g % 5), 'user_id', 1 + g % 997, 'amount', g % 500),
                    CASE WHEN g % 97 = 0 THEN ARRAY['urgent', 'billing'] ELSE ARRAY['tag-' || (g % 13)] END
-            FROM generate_series(1, :n) AS g"""), {"n": n})
+            FROM generate_series(1, :n) AS g"""),
+            {"n": n},
+        )
     # VACUUM moves the GIN pending list into the index proper; the planner prices a long pending list high
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("SELECT set_config('lock_timeout', :v, false)"), {"v": LOCK_TIMEOUT})
@@ -261,8 +264,11 @@ def update_from_values(engine: Engine, n: int) -> None:
 def update_from_unnest(engine: Engine, n: int) -> None:
     """One UPDATE ... FROM unnest(:ids, :values) at any n: two array parameters."""
     items = Item.__table__
-    v = func.unnest(bindparam("ids", type_=ARRAY(Integer)), bindparam("vals", type_=ARRAY(Integer))).table_valued(
-        "id", "value").render_derived(name="v")
+    v = (
+        func.unnest(bindparam("ids", type_=ARRAY(Integer)), bindparam("vals", type_=ARRAY(Integer)))
+        .table_valued("id", "value")
+        .render_derived(name="v")
+    )
     stmt = update(items).where(items.c.id == v.c.id).values(value=v.c.value)
     ids = list(range(1, n + 1))
     with engine.begin() as conn:
@@ -386,8 +392,13 @@ def report_core(top_n: int = 3):
     )
     ranked = (
         select(
-            users.c.region, users.c.id.label("user_id"), users.c.name, spend.c.spent, spend.c.orders,
-            func.row_number().over(partition_by=users.c.region, order_by=(spend.c.spent.desc(), users.c.id))
+            users.c.region,
+            users.c.id.label("user_id"),
+            users.c.name,
+            spend.c.spent,
+            spend.c.orders,
+            func.row_number()
+            .over(partition_by=users.c.region, order_by=(spend.c.spent.desc(), users.c.id))
             .label("rank"),
         )
         .join_from(users, spend, spend.c.user_id == users.c.id)
@@ -463,9 +474,9 @@ def users_sorted(session: Session, sort: str, limit: int = 5) -> list[tuple]:
 
 def orders_unsafe(conn, user_id: int, status: str) -> list[tuple]:
     """DON'T: user input formatted into the SQL string."""
-    return conn.execute(text(
-        f"SELECT id, status, total::text FROM orders WHERE user_id = {int(user_id)} AND status = '{status}'"
-    )).all()
+    return conn.execute(
+        text(f"SELECT id, status, total::text FROM orders WHERE user_id = {int(user_id)} AND status = '{status}'")
+    ).all()
 
 
 def orders_safe(conn, user_id: int, status: str) -> list[tuple]:

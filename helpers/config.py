@@ -50,9 +50,7 @@ class Settings:
 def settings() -> Settings:
     scale = os.environ.get("WORKBOOK_SCALE", "ci").strip() or "ci"
     if scale not in SCALES:
-        raise WorkbookError(
-            f"WORKBOOK_SCALE={scale!r} is not a scale of the workbook; use one of {', '.join(SCALES)}."
-        )
+        raise WorkbookError(f"WORKBOOK_SCALE={scale!r} is not a scale of the workbook; use one of {', '.join(SCALES)}.")
     port = os.environ.get("WORKBOOK_PORT")
     seed = os.environ.get("WORKBOOK_SEED", "42")
     try:

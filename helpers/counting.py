@@ -79,8 +79,17 @@ class QueryLog:
     @property
     def df(self) -> pd.DataFrame:
         return pd.DataFrame(
-            [{"sql": s.sql, "shape": s.shape, "parameters": s.parameters, "duration_ms": s.duration_s * 1e3,
-              "rows": s.rows, "executemany": s.executemany} for s in self.statements],
+            [
+                {
+                    "sql": s.sql,
+                    "shape": s.shape,
+                    "parameters": s.parameters,
+                    "duration_ms": s.duration_s * 1e3,
+                    "rows": s.rows,
+                    "executemany": s.executemany,
+                }
+                for s in self.statements
+            ],
             columns=["sql", "shape", "parameters", "duration_ms", "rows", "executemany"],
         )
 
@@ -108,7 +117,9 @@ class QueryLog:
         return f"QueryLog(count={self.count}, shapes={len(self.by_shape())}, total_ms={self.total_s * 1e3:.2f})"
 
     def _repr_html_(self) -> str:
-        return f"<p><b>{self.count} statement(s)</b>, {self.total_s * 1e3:.2f} ms</p>" + self.by_shape().to_html(index=False)
+        return f"<p><b>{self.count} statement(s)</b>, {self.total_s * 1e3:.2f} ms</p>" + self.by_shape().to_html(
+            index=False
+        )
 
 
 def _target(engine: Engine | None) -> Engine:

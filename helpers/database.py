@@ -175,7 +175,9 @@ def _copy_database(admin, name: str, source: str) -> bool:
 
     for _ in range(3):
         try:
-            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source)))
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source))
+            )
             return True
         except psycopg.errors.ObjectInUse:
             time.sleep(0.2)
@@ -238,7 +240,9 @@ def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
     made once (see ``_template``). Needs CREATEDB on a shared server.
     """
     if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix or suffix == TEMPLATE_SUFFIX:
-        raise ValueError(f"suffix must be lower-case letters, digits, underscores (not {TEMPLATE_SUFFIX!r}): {suffix!r}")
+        raise ValueError(
+            f"suffix must be lower-case letters, digits, underscores (not {TEMPLATE_SUFFIX!r}): {suffix!r}"
+        )
     base = database_url()
     name = f"{base.database}_{suffix}"
     drop_database(suffix)

@@ -98,8 +98,9 @@ DDL_CASES: dict[str, DDLCase] = {
     "validate_check": DDLCase("ALTER TABLE {c} VALIDATE CONSTRAINT child_v_nonneg", prepare=(_CHECK,)),
     "add_foreign_key": DDLCase(_FK, references=True),
     "add_foreign_key_not_valid": DDLCase(_FK + " NOT VALID", references=True),
-    "validate_foreign_key": DDLCase("ALTER TABLE {c} VALIDATE CONSTRAINT child_parent_fk",
-                                    prepare=(_FK + " NOT VALID",), references=True),
+    "validate_foreign_key": DDLCase(
+        "ALTER TABLE {c} VALIDATE CONSTRAINT child_parent_fk", prepare=(_FK + " NOT VALID",), references=True
+    ),
     "create_index": DDLCase("CREATE INDEX child_n_idx ON {c} (n)"),
     "create_index_concurrently": DDLCase("CREATE INDEX CONCURRENTLY child_n_idx ON {c} (n)", concurrent=True),
     "alter_type_int_to_bigint": DDLCase("ALTER TABLE {c} ALTER COLUMN n TYPE bigint"),
@@ -112,8 +113,13 @@ WRITE_SQL = "UPDATE {c} SET v = v + 1 WHERE id = 2"
 WRITE_REFERENCED_SQL = "UPDATE {p} SET label = label WHERE id = 1"
 
 
-def probe(engine: Engine, sql: str, lock_timeout: str = "200ms", app: str = APP + "_probe",
-          conn: psycopg.Connection | None = None) -> dict:
+def probe(
+    engine: Engine,
+    sql: str,
+    lock_timeout: str = "200ms",
+    app: str = APP + "_probe",
+    conn: psycopg.Connection | None = None,
+) -> dict:
     """Run ``sql`` once in its own transaction with ``lock_timeout``; blocked = the server said 55P03.
 
     ``conn`` (a non-autocommit connection) is reused when given; the transaction is rolled back.
@@ -153,8 +159,14 @@ def _table_locks(engine: Engine, pid: int, tables: list[str]) -> dict[str, str |
     return {t: strongest(df.loc[df["relation"] == t, "mode"]) for t in tables}
 
 
-def observe_ddl(engine: Engine, name: str, schema: str = "wb_migrations", lock_timeout: str = "200ms",
-                case: DDLCase | None = None, probes: dict | None = None) -> dict:
+def observe_ddl(
+    engine: Engine,
+    name: str,
+    schema: str = "wb_migrations",
+    lock_timeout: str = "200ms",
+    case: DDLCase | None = None,
+    probes: dict | None = None,
+) -> dict:
     """Measure one of DDL_CASES (or ``case``) on fresh demo tables: locks held, reader/writer blocked, rewrite, scan.
 
     ``probes`` may hold open connections to reuse: "read", "write", "write_ref" (see ``ddl_table``).
@@ -181,8 +193,11 @@ def observe_ddl(engine: Engine, name: str, schema: str = "wb_migrations", lock_t
         held = _table_locks(engine, pid, [child, parent])
         reader = probe(engine, READ_SQL.format(c=child), lock_timeout, conn=probes.get("read"))
         writer = probe(engine, WRITE_SQL.format(c=child), lock_timeout, conn=probes.get("write"))
-        ref_writer = (probe(engine, WRITE_REFERENCED_SQL.format(p=parent), lock_timeout, conn=probes.get("write_ref"))
-                      if case.references else None)
+        ref_writer = (
+            probe(engine, WRITE_REFERENCED_SQL.format(p=parent), lock_timeout, conn=probes.get("write_ref"))
+            if case.references
+            else None
+        )
         ddl.rollback()
     return {
         "ddl": name,
@@ -204,7 +219,9 @@ def _observe_concurrent(engine: Engine, name: str, sql: str, child: str, lock_ti
         writer.execute(WRITE_SQL.format(c=child).replace("id = 2", "id = 3"))  # an open writer: CIC must wait
         with psycopg.connect(**conninfo(engine, APP + "_ddl"), autocommit=True) as ddl:
             pid = ddl.info.backend_pid
-            node_before = ddl.execute("SELECT relfilenode FROM pg_class WHERE oid = to_regclass(%s)", (child,)).fetchone()[0]
+            node_before = ddl.execute(
+                "SELECT relfilenode FROM pg_class WHERE oid = to_regclass(%s)", (child,)
+            ).fetchone()[0]
             ddl.execute("SET statement_timeout = '20s'")
             outcome: dict = {}
 
@@ -291,10 +308,15 @@ class LoadResult:
         frames = []
         for kind in sorted(self.ops["kind"].unique()):
             counts = (ops.loc[ops["kind"] == kind, "t_end"] // bin_s * bin_s).round(6).value_counts()
-            frames.append(pd.DataFrame({
-                "t_s": bins.round(6), "kind": kind,
-                "ops_per_s": [counts.get(round(b, 6), 0) / bin_s for b in bins],
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "t_s": bins.round(6),
+                        "kind": kind,
+                        "ops_per_s": [counts.get(round(b, 6), 0) / bin_s for b in bins],
+                    }
+                )
+            )
         return pd.concat(frames, ignore_index=True)
 
 
@@ -306,11 +328,29 @@ class Load:
     ``lock_timeout``; the whole load stops by itself after ``max_s`` seconds.
     """
 
-    def __init__(self, engine: Engine, *, write_sql: str | None = None, read_sql: str | None = None,
-                 ids: range = range(1, 1001), writers: int = 2, readers: int = 1, rate_per_s: float = 100,
-                 max_s: float = 30.0, lock_timeout: str = "10s", seed: int = 6, app: str = APP + "_load"):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        write_sql: str | None = None,
+        read_sql: str | None = None,
+        ids: range = range(1, 1001),
+        writers: int = 2,
+        readers: int = 1,
+        rate_per_s: float = 100,
+        max_s: float = 30.0,
+        lock_timeout: str = "10s",
+        seed: int = 6,
+        app: str = APP + "_load",
+    ):
         self.engine, self.ids, self.rate, self.max_s, self.lock_timeout, self.app = (
-            engine, ids, rate_per_s, max_s, lock_timeout, app)
+            engine,
+            ids,
+            rate_per_s,
+            max_s,
+            lock_timeout,
+            app,
+        )
         self.plan = [("write", write_sql, seed + i) for i in range(writers if write_sql else 0)]
         self.plan += [("read", read_sql, seed + 100 + i) for i in range(readers if read_sql else 0)]
         self._stop = threading.Event()
@@ -372,8 +412,14 @@ class Load:
         self.stop()
 
 
-def hold_transaction(engine: Engine, statements: list[str], hold_s: float, lock_timeout: str = "10s",
-                     app: str = APP + "_migration", after: Callable[[], object] | None = None) -> float:
+def hold_transaction(
+    engine: Engine,
+    statements: list[str],
+    hold_s: float,
+    lock_timeout: str = "10s",
+    app: str = APP + "_migration",
+    after: Callable[[], object] | None = None,
+) -> float:
     """Run ``statements`` in one transaction kept open ``hold_s`` more seconds (a scripted window); returns s.
 
     ``after`` is called once the statements have run (their locks are held), before the window.
@@ -390,8 +436,14 @@ def hold_transaction(engine: Engine, statements: list[str], hold_s: float, lock_
     return time.perf_counter() - t0
 
 
-def migrate_with_retry(engine: Engine, statements: list[str], lock_timeout: str = "100ms", attempts: int = 50,
-                       backoff_s: float = 0.05, app: str = APP + "_migration") -> pd.DataFrame:
+def migrate_with_retry(
+    engine: Engine,
+    statements: list[str],
+    lock_timeout: str = "100ms",
+    attempts: int = 50,
+    backoff_s: float = 0.05,
+    app: str = APP + "_migration",
+) -> pd.DataFrame:
     """Run ``statements`` in one transaction with a short lock_timeout, retrying on 55P03; one row per attempt."""
     rows = []
     for attempt in range(1, attempts + 1):
@@ -432,8 +484,9 @@ class BlockedTimeline:
     (columns t_s, blocked). Sampling only observes; it decides nothing. Stops by itself after ``max_s``.
     """
 
-    def __init__(self, engine: Engine, app_like: str, t0: float | None = None, poll_s: float = 0.02,
-                 max_s: float = 30.0):
+    def __init__(
+        self, engine: Engine, app_like: str, t0: float | None = None, poll_s: float = 0.02, max_s: float = 30.0
+    ):
         self.engine, self.app_like, self.poll_s, self.max_s = engine, app_like, poll_s, max_s
         self.t0 = t0
         self._stop = threading.Event()

@@ -69,10 +69,21 @@ def er_diagram(metadata: MetaData, *, title: str = "Workbook schema"):
     row_y: dict[tuple[str, str], float] = {}
     for t in tables:
         x, top, h = pos[t.name]
-        ax.add_patch(FancyBboxPatch((x, top - h), BOX_W, h, boxstyle="round,pad=0.02,rounding_size=0.08",
-                                    fc="#f7f9fc", ec="#34495e", lw=1.2))
-        ax.add_patch(FancyBboxPatch((x, top - LINE_H * 1.1), BOX_W, LINE_H * 1.1,
-                                    boxstyle="round,pad=0.02,rounding_size=0.08", fc="#34495e", ec="#34495e"))
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, top - h), BOX_W, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc="#f7f9fc", ec="#34495e", lw=1.2
+            )
+        )
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, top - LINE_H * 1.1),
+                BOX_W,
+                LINE_H * 1.1,
+                boxstyle="round,pad=0.02,rounding_size=0.08",
+                fc="#34495e",
+                ec="#34495e",
+            )
+        )
         ax.text(x + 0.12, top - LINE_H * 0.58, t.name, color="white", weight="bold", va="center", fontsize=10)
         indexed = _indexed_columns(t)
         fk_cols = {fk.parent.name for fk in t.foreign_keys}
@@ -86,8 +97,15 @@ def er_diagram(metadata: MetaData, *, title: str = "Workbook schema"):
             unindexed_fk = col.name in fk_cols and col.name not in indexed and not col.primary_key
             color = "#c0392b" if unindexed_fk else "#2c3e50"
             ax.text(x + 0.12, y, "/".join(marks), fontsize=7, color="#7f8c8d", va="center", family="monospace")
-            ax.text(x + 0.62, y, col.name + (" (no index!)" if unindexed_fk else ""), fontsize=8.5, va="center",
-                    color=color, weight="bold" if col.primary_key else "normal")
+            ax.text(
+                x + 0.62,
+                y,
+                col.name + (" (no index!)" if unindexed_fk else ""),
+                fontsize=8.5,
+                va="center",
+                color=color,
+                weight="bold" if col.primary_key else "normal",
+            )
             ax.text(x + BOX_W - 0.1, y, _type_name(col), fontsize=7, va="center", ha="right", color="#7f8c8d")
             row_y[(t.name, col.name)] = y
     for t in tables:
@@ -101,9 +119,20 @@ def er_diagram(metadata: MetaData, *, title: str = "Workbook schema"):
             unindexed = fk.parent.name not in indexed and not fk.parent.primary_key
             start = (x0, y0) if x1 < x0 else (x0 + BOX_W, y0)
             end = (x1 + BOX_W, y1) if x1 < x0 else (x1, y1)
-            ax.annotate("", xy=end, xytext=start, arrowprops=dict(
-                arrowstyle="-|>", color="#c0392b" if unindexed else "#5d6d7e", lw=1.1,
-                linestyle="--" if unindexed else "-", connectionstyle="arc3,rad=0.08", shrinkA=2, shrinkB=2))
+            ax.annotate(
+                "",
+                xy=end,
+                xytext=start,
+                arrowprops=dict(
+                    arrowstyle="-|>",
+                    color="#c0392b" if unindexed else "#5d6d7e",
+                    lw=1.1,
+                    linestyle="--" if unindexed else "-",
+                    connectionstyle="arc3,rad=0.08",
+                    shrinkA=2,
+                    shrinkB=2,
+                ),
+            )
     ax.set_xlim(-0.2, width - GAP_X + 0.2)
     ax.set_ylim(-max_h - 0.2, 0.3)
     fig.tight_layout()

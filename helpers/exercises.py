@@ -21,9 +21,9 @@ from .counting import count_queries
 User, Post, Order = models.User, models.Post, models.Order
 
 #: parameters of the exercises, shared by checkers, starters and solutions
-LISTING_SIZE = 50     # exercise 1: the newest users with their post titles
-NESTED_SIZE = 20      # exercise 2: the newest users, their posts, each post's comment count
-PAGE = (21, 40)       # exercise 3: users with ids in this range, with posts and orders
+LISTING_SIZE = 50  # exercise 1: the newest users with their post titles
+NESTED_SIZE = 20  # exercise 2: the newest users, their posts, each post's comment count
+PAGE = (21, 40)  # exercise 3: users with ids in this range, with posts and orders
 
 
 # ----------------------------------------------------------------------------- reference solutions
@@ -35,17 +35,26 @@ def solution_fix_listing(session: Session) -> list:
 
 def solution_nested_page(session: Session) -> list:
     """Exercise 2: users -> posts -> comments in three statements with chained selectinload."""
-    stmt = (select(User).order_by(User.id.desc()).limit(NESTED_SIZE)
-            .options(selectinload(User.posts).selectinload(Post.comments)))
+    stmt = (
+        select(User)
+        .order_by(User.id.desc())
+        .limit(NESTED_SIZE)
+        .options(selectinload(User.posts).selectinload(Post.comments))
+    )
     return [(u.name, sorted((p.title, len(p.comments)) for p in u.posts)) for u in session.scalars(stmt)]
 
 
 def solution_no_cartesian(session: Session) -> list:
     """Exercise 3: two collections, each loaded by its own selectin query: no row multiplication."""
-    stmt = (select(User).where(User.id.between(*PAGE)).order_by(User.id)
-            .options(selectinload(User.posts), selectinload(User.orders)))
-    return [(u.name, sorted(p.title for p in u.posts), sorted(o.total for o in u.orders))
-            for u in session.scalars(stmt)]
+    stmt = (
+        select(User)
+        .where(User.id.between(*PAGE))
+        .order_by(User.id)
+        .options(selectinload(User.posts), selectinload(User.orders))
+    )
+    return [
+        (u.name, sorted(p.title for p in u.posts), sorted(o.total for o in u.orders)) for u in session.scalars(stmt)
+    ]
 
 
 @dataclass(frozen=True)
@@ -61,16 +70,27 @@ class Exercise:
 
 EXERCISES: dict[str, Exercise] = {
     "fix_listing": Exercise(
-        "fix_listing", f"Fix the N+1: the {LISTING_SIZE} newest users with their post titles", 2,
-        solution_fix_listing, hint="add an eager loader option to the users' SELECT; which one sends a single extra statement?"),
+        "fix_listing",
+        f"Fix the N+1: the {LISTING_SIZE} newest users with their post titles",
+        2,
+        solution_fix_listing,
+        hint="add an eager loader option to the users' SELECT; which one sends a single extra statement?",
+    ),
     "nested_page": Exercise(
-        "nested_page", f"A nested page: {NESTED_SIZE} users -> posts -> comment counts in at most 3 statements", 3,
-        solution_nested_page, hint="loader options chain along a path: User.posts, then Post.comments."),
+        "nested_page",
+        f"A nested page: {NESTED_SIZE} users -> posts -> comment counts in at most 3 statements",
+        3,
+        solution_nested_page,
+        hint="loader options chain along a path: User.posts, then Post.comments.",
+    ),
     "no_cartesian": Exercise(
-        "no_cartesian", f"Users {PAGE[0]}-{PAGE[1]} with posts and orders, no cartesian explosion", 3,
+        "no_cartesian",
+        f"Users {PAGE[0]}-{PAGE[1]} with posts and orders, no cartesian explosion",
+        3,
         solution_no_cartesian,
         max_rows=lambda ref: len(ref) + sum(len(r[1]) + len(r[2]) for r in ref),
-        hint="two collections joined at once multiply: rows = posts x orders per user."),
+        hint="two collections joined at once multiply: rows = posts x orders per user.",
+    ),
 }
 
 
@@ -95,8 +115,10 @@ class Verdict:
 
     def _repr_html_(self) -> str:
         colour, mark = ("#e6f4ea", "✅ passed") if self.passed else ("#fdecea", "❌ not yet")
-        return (f'<div style="background:{colour};padding:8px;border-radius:4px">'
-                f"<b>{mark}</b> — {html.escape(self.title)}<br>{html.escape(self.message)}</div>")
+        return (
+            f'<div style="background:{colour};padding:8px;border-radius:4px">'
+            f"<b>{mark}</b> — {html.escape(self.title)}<br>{html.escape(self.message)}</div>"
+        )
 
 
 _reference_cache: dict[tuple[str, str], list] = {}
@@ -160,6 +182,21 @@ def names() -> dict:
 
     ns = {n: getattr(models, n) for n in ("User", "Post", "Comment", "Order", "Tag", "Profile")}
     ns.update({n: getattr(sqlalchemy, n) for n in ("select", "func", "text")})
-    ns.update({n: getattr(orm, n) for n in ("Session", "selectinload", "joinedload", "subqueryload", "lazyload",
-                                           "immediateload", "raiseload", "load_only", "defer", "contains_eager")})
+    ns.update(
+        {
+            n: getattr(orm, n)
+            for n in (
+                "Session",
+                "selectinload",
+                "joinedload",
+                "subqueryload",
+                "lazyload",
+                "immediateload",
+                "raiseload",
+                "load_only",
+                "defer",
+                "contains_eager",
+            )
+        }
+    )
     return ns

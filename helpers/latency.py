@@ -117,8 +117,13 @@ class _Proxy:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"bytes": dict(self.bytes), "chunks": dict(self.chunks), "connections": self.connections,
-                    "delay_ms": self.delay_s * 1e3, "bandwidth_mbit": self.bytes_per_s * 8 / 1e6}
+            return {
+                "bytes": dict(self.bytes),
+                "chunks": dict(self.chunks),
+                "connections": self.connections,
+                "delay_ms": self.delay_s * 1e3,
+                "bandwidth_mbit": self.bytes_per_s * 8 / 1e6,
+            }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +165,9 @@ class LatencyProxy:
     @property
     def url(self):
         """The workbook database URL with host and port replaced by the proxy's."""
-        return self.target_url.difference_update_query(["host", "port", "hostaddr"]).set(host="127.0.0.1", port=self.port)
+        return self.target_url.difference_update_query(["host", "port", "hostaddr"]).set(
+            host="127.0.0.1", port=self.port
+        )
 
     def _ask(self, line: str) -> str:
         self.process.stdin.write(line + "\n")
@@ -223,7 +230,10 @@ def start_proxy(delay_ms: float = 0.0, *, url=None) -> LatencyProxy:
     # -P: do not put helpers/ itself on sys.path; the child needs only the standard library
     proc = subprocess.Popen(
         [sys.executable, "-P", str(Path(__file__).resolve()), host, str(port), str(float(delay_ms))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
     )
     line = proc.stdout.readline()
     if not line.strip().isdigit():

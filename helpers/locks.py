@@ -55,9 +55,22 @@ def locks(engine: Engine, pids=None, relation: str | None = None) -> pd.DataFram
     pid_list = [int(p) for p in pids] if pids is not None else []
     with engine.connect() as conn:
         df = pd.DataFrame(
-            conn.execute(text(_LOCKS_SQL), {"all_pids": pids is None, "pids": pid_list, "rel": relation}).mappings().all(),
-            columns=["pid", "application_name", "locktype", "relation", "mode", "granted", "waitstart",
-                     "transactionid", "virtualxid", "page", "tuple"],
+            conn.execute(text(_LOCKS_SQL), {"all_pids": pids is None, "pids": pid_list, "rel": relation})
+            .mappings()
+            .all(),
+            columns=[
+                "pid",
+                "application_name",
+                "locktype",
+                "relation",
+                "mode",
+                "granted",
+                "waitstart",
+                "transactionid",
+                "virtualxid",
+                "page",
+                "tuple",
+            ],
         )
     return df
 
@@ -70,8 +83,9 @@ def blocking(engine: Engine, application_name_like: str | None = None) -> pd.Dat
     """
     with engine.connect() as conn:
         rows = conn.execute(text(_BLOCKING_SQL), {"like": application_name_like}).mappings().all()
-    df = pd.DataFrame(rows, columns=["pid", "application_name", "state", "wait_event_type", "wait_event",
-                                     "blocked_by", "query"])
+    df = pd.DataFrame(
+        rows, columns=["pid", "application_name", "state", "wait_event_type", "wait_event", "blocked_by", "query"]
+    )
     df["blocked_by"] = df["blocked_by"].map(lambda v: sorted(v or []))
     if application_name_like is None and not df.empty:
         blockers = {p for b in df["blocked_by"] for p in b}
@@ -101,6 +115,7 @@ def lock_sql(mode: str) -> str:
 
 # -- measured lock conflicts (chapter 03) --------------------------------------------------------------
 
+
 def _conflicts(database: str | None, setup: list[str], hold, request, modes: list[str]) -> pd.DataFrame:
     """Matrix requested x held: True when ``request(mode)`` fails with 55P03 while ``hold(mode)`` is held."""
     import psycopg
@@ -109,8 +124,10 @@ def _conflicts(database: str | None, setup: list[str], hold, request, modes: lis
 
     info = psycopg_conninfo(database)
     out = pd.DataFrame(False, index=pd.Index(modes, name="requested"), columns=pd.Index(modes, name="held"))
-    with psycopg.connect(**info, autocommit=True, application_name="wb_locks_holder") as holder, \
-         psycopg.connect(**info, autocommit=True, application_name="wb_locks_requester") as requester:
+    with (
+        psycopg.connect(**info, autocommit=True, application_name="wb_locks_holder") as holder,
+        psycopg.connect(**info, autocommit=True, application_name="wb_locks_requester") as requester,
+    ):
         for stmt in setup:
             holder.execute(stmt)
         for held in modes:
@@ -132,22 +149,30 @@ def _conflicts(database: str | None, setup: list[str], hold, request, modes: lis
 def table_conflicts(schema: str, database: str | None = None) -> pd.DataFrame:
     """Measured 8x8 table-lock conflicts: one session holds ``LOCK TABLE ... IN <held> MODE``, another asks NOWAIT."""
     t = f"{schema}.conflict_probe"
-    return _conflicts(database, [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)"],
-                      lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE",
-                      lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE NOWAIT", MODES)
+    return _conflicts(
+        database,
+        [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)"],
+        lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE",
+        lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE NOWAIT",
+        MODES,
+    )
 
 
 def row_conflicts(schema: str, database: str | None = None) -> pd.DataFrame:
     """Measured 4x4 row-lock conflicts: ``SELECT ... <held>`` on a row, then ``SELECT ... <requested> NOWAIT``."""
     t = f"{schema}.conflict_probe"
-    return _conflicts(database, [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)",
-                                 f"INSERT INTO {t} VALUES (1)"],
-                      lambda m: f"SELECT id FROM {t} WHERE id = 1 {m}",
-                      lambda m: f"SELECT id FROM {t} WHERE id = 1 {m} NOWAIT", ROW_LOCK_MODES)
+    return _conflicts(
+        database,
+        [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)", f"INSERT INTO {t} VALUES (1)"],
+        lambda m: f"SELECT id FROM {t} WHERE id = 1 {m}",
+        lambda m: f"SELECT id FROM {t} WHERE id = 1 {m} NOWAIT",
+        ROW_LOCK_MODES,
+    )
 
 
-def locks_taken(statements: dict[str, str], setup: list[str] = (), database: str | None = None,
-                schema: str | None = None) -> pd.DataFrame:
+def locks_taken(
+    statements: dict[str, str], setup: list[str] = (), database: str | None = None, schema: str | None = None
+) -> pd.DataFrame:
     """The relation locks each statement takes (run in its own rolled-back transaction): statement, relation, mode."""
     import psycopg
 
@@ -165,8 +190,12 @@ def locks_taken(statements: dict[str, str], setup: list[str] = (), database: str
                 "SELECT c.relname, c.relkind::text, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND (%s::text IS NULL OR n.nspname = %s) "
-                "ORDER BY c.relname, l.mode", (schema, schema)).fetchall()
+                "ORDER BY c.relname, l.mode",
+                (schema, schema),
+            ).fetchall()
             conn.execute("ROLLBACK")
-            rows += [{"statement": label, "relation": r, "kind": {"r": "table", "i": "index"}.get(k, k), "mode": m}
-                     for r, k, m in got]
+            rows += [
+                {"statement": label, "relation": r, "kind": {"r": "table", "i": "index"}.get(k, k), "mode": m}
+                for r, k, m in got
+            ]
     return pd.DataFrame(rows, columns=["statement", "relation", "kind", "mode"])

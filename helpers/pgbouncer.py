@@ -168,8 +168,13 @@ class PgBouncer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         process = subprocess.Popen(
             [binary, str(workdir / "pgbouncer.ini")],
-            cwd=str(workdir), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent, **kw,
+            cwd=str(workdir),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            **kw,
         )
         bouncer = cls(process, port, workdir, version, pool_mode, pool_size, server, conf)
         atexit.register(bouncer.stop)
@@ -190,7 +195,9 @@ class PgBouncer:
                     return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
-                    raise WorkbookError(f"PgBouncer did not answer within {timeout_s:.0f}s: {self.log_tail()}") from None
+                    raise WorkbookError(
+                        f"PgBouncer did not answer within {timeout_s:.0f}s: {self.log_tail()}"
+                    ) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -219,14 +226,24 @@ class PgBouncer:
     # ------------------------------------------------------------------ clients
     def url(self, database: str | None = None, **query: str) -> URL:
         """SQLAlchemy URL of ``database`` (default: the server's) through this PgBouncer."""
-        return self.server.set(host="127.0.0.1", port=self.port, database=database or self.server.database,
-                               query={**dict(self.server.query), **query})
+        return self.server.set(
+            host="127.0.0.1",
+            port=self.port,
+            database=database or self.server.database,
+            query={**dict(self.server.query), **query},
+        )
 
     def conninfo(self, database: str | None = None, **kw) -> dict:
         """Keyword arguments for ``psycopg.connect`` through this PgBouncer."""
-        return {"host": "127.0.0.1", "port": self.port, "user": self.server.username,
-                "password": self.server.password, "dbname": database or self.server.database,
-                "connect_timeout": 5, **kw}
+        return {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": self.server.username,
+            "password": self.server.password,
+            "dbname": database or self.server.database,
+            "connect_timeout": 5,
+            **kw,
+        }
 
     def admin(self) -> psycopg.Connection:
         """A connection to PgBouncer's admin console (database ``pgbouncer``; simple query protocol)."""

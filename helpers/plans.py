@@ -24,11 +24,41 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.sql import ClauseElement
 
 COLUMNS = [
-    "id", "parent", "depth", "node_type", "relation", "alias", "index", "join_type", "strategy", "relationship",
-    "subplan", "parallel", "plan_rows", "actual_rows", "actual_rows_total", "loops", "misestimate", "estimate",
-    "startup_cost", "total_cost", "disabled", "inclusive_ms", "exclusive_ms", "exclusive_pct", "shared_hit",
-    "shared_read", "shared_dirtied", "temp_read", "temp_written", "rows_removed_by_filter",
-    "rows_removed_by_recheck", "heap_fetches", "workers_launched", "scan_direction", "condition",
+    "id",
+    "parent",
+    "depth",
+    "node_type",
+    "relation",
+    "alias",
+    "index",
+    "join_type",
+    "strategy",
+    "relationship",
+    "subplan",
+    "parallel",
+    "plan_rows",
+    "actual_rows",
+    "actual_rows_total",
+    "loops",
+    "misestimate",
+    "estimate",
+    "startup_cost",
+    "total_cost",
+    "disabled",
+    "inclusive_ms",
+    "exclusive_ms",
+    "exclusive_pct",
+    "shared_hit",
+    "shared_read",
+    "shared_dirtied",
+    "temp_read",
+    "temp_written",
+    "rows_removed_by_filter",
+    "rows_removed_by_recheck",
+    "heap_fetches",
+    "workers_launched",
+    "scan_direction",
+    "condition",
 ]
 _CONDITIONS = ["Index Cond", "Recheck Cond", "Hash Cond", "Merge Cond", "Join Filter", "Filter", "One-Time Filter"]
 _DISABLE_COST = 1.0e10  # PostgreSQL < 18 adds this to the cost of a disabled path
@@ -131,8 +161,14 @@ class Plan:
     def summary(self) -> dict:
         """Execution and planning time, node count, root node and the plan's shared buffers."""
         r = _records(self.nodes.head(1))[0]
-        return {"execution_ms": self.execution_ms, "planning_ms": self.planning_ms, "nodes": len(self.nodes),
-                "root": r["node_type"], "shared_hit": int(r["shared_hit"] or 0), "shared_read": int(r["shared_read"] or 0)}
+        return {
+            "execution_ms": self.execution_ms,
+            "planning_ms": self.planning_ms,
+            "nodes": len(self.nodes),
+            "root": r["node_type"],
+            "shared_hit": int(r["shared_hit"] or 0),
+            "shared_read": int(r["shared_read"] or 0),
+        }
 
     def __repr__(self) -> str:
         t = f"{self.execution_ms:.2f} ms" if self.execution_ms is not None else f"cost {self.root['total_cost']:.0f}"
@@ -163,7 +199,9 @@ def _compile(statement, params: dict | None, dialect) -> tuple[str, dict, str]:
     driver_params = {k: (processors[k](v) if k in processors else v) for k, v in bound.items()}
     try:
         shown = statement.params(**params) if params else statement  # the values in, for reading
-        readable = str(shown.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
+        readable = str(
+            shown.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True})
+        )
         if dialect.paramstyle in ("pyformat", "format"):
             readable = readable.replace("%%", "%")  # no placeholders left: every %% is an escaped %
     except Exception:  # noqa: BLE001 - untyped text() parameters: put the values in ourselves
@@ -185,7 +223,9 @@ def _literal(value) -> str:
 
 def _inline(sql: str, values: dict) -> str:
     """Readable SQL: pyformat placeholders replaced by literals, escaped %% back to %."""
-    out = re.sub(r"%\((\w+)\)s", lambda m: _literal(values.get(m.group(1))) if m.group(1) in values else m.group(0), sql)
+    out = re.sub(
+        r"%\((\w+)\)s", lambda m: _literal(values.get(m.group(1))) if m.group(1) in values else m.group(0), sql
+    )
     return out.replace("%%", "%")
 
 
@@ -273,17 +313,32 @@ def from_json(doc, sql: str = "", params: dict | None = None, settings: dict | N
     analyzed = "Execution Time" in top or "Actual Rows" in top["Plan"] or "Actual Loops" in top["Plan"]
     nodes = _node_table(top["Plan"])
     trig = pd.DataFrame(
-        [{"trigger": t.get("Trigger Name"), "relation": t.get("Relation"), "calls": t.get("Calls"),
-          "time_ms": t.get("Time")} for t in top.get("Triggers", [])],
+        [
+            {
+                "trigger": t.get("Trigger Name"),
+                "relation": t.get("Relation"),
+                "calls": t.get("Calls"),
+                "time_ms": t.get("Time"),
+            }
+            for t in top.get("Triggers", [])
+        ],
         columns=["trigger", "relation", "calls", "time_ms"],
     )
     execution = top.get("Execution Time")
     if analyzed and len(nodes):
         base = execution if execution else nodes["exclusive_ms"].sum()
         nodes["exclusive_pct"] = 100.0 * nodes["exclusive_ms"] / base if base else 0.0
-    return Plan(sql=sql, params=params or {}, raw=top, nodes=nodes, triggers=trig,
-                planning_ms=top.get("Planning Time"), execution_ms=execution, analyzed=analyzed,
-                settings=settings or {})
+    return Plan(
+        sql=sql,
+        params=params or {},
+        raw=top,
+        nodes=nodes,
+        triggers=trig,
+        planning_ms=top.get("Planning Time"),
+        execution_ms=execution,
+        analyzed=analyzed,
+        settings=settings or {},
+    )
 
 
 # ----------------------------------------------------------------------------- the node table
@@ -351,25 +406,44 @@ def _node_table(root: dict) -> pd.DataFrame:
         if disabled is None:
             disabled = float(n.get("Startup Cost", 0) or 0) >= _DISABLE_COST
         cond = "; ".join(f"{k}: {n[k]}" for k in _CONDITIONS if k in n)
-        rows.append({
-            "id": it["id"], "parent": it["parent"], "depth": it["depth"], "node_type": n.get("Node Type"),
-            "relation": n.get("Relation Name") or (f"CTE {n['CTE Name']}" if "CTE Name" in n else None),
-            "alias": n.get("Alias"), "index": n.get("Index Name"), "join_type": n.get("Join Type"),
-            "strategy": n.get("Strategy"), "relationship": n.get("Parent Relationship"),
-            "subplan": n.get("Subplan Name"), "parallel": bool(n.get("Parallel Aware")) or it["divisor"] > 1,
-            "plan_rows": n.get("Plan Rows"), "actual_rows": actual, "actual_rows_total": rows_total,
-            "loops": loops, "misestimate": mis,
-            "estimate": None if mis is None else ("under" if mis > 1 else "over" if mis < -1 else "exact"),
-            "startup_cost": n.get("Startup Cost"), "total_cost": n.get("Total Cost"), "disabled": bool(disabled),
-            "inclusive_ms": inclusive, "exclusive_ms": inclusive,
-            "shared_hit": n.get("Shared Hit Blocks"), "shared_read": n.get("Shared Read Blocks"),
-            "shared_dirtied": n.get("Shared Dirtied Blocks"), "temp_read": n.get("Temp Read Blocks"),
-            "temp_written": n.get("Temp Written Blocks"),
-            "rows_removed_by_filter": None if removed is None or loops is None else float(removed) * float(loops),
-            "rows_removed_by_recheck": None if recheck is None or loops is None else float(recheck) * float(loops),
-            "heap_fetches": n.get("Heap Fetches"), "workers_launched": n.get("Workers Launched"),
-            "scan_direction": n.get("Scan Direction"), "condition": cond or None,
-        })
+        rows.append(
+            {
+                "id": it["id"],
+                "parent": it["parent"],
+                "depth": it["depth"],
+                "node_type": n.get("Node Type"),
+                "relation": n.get("Relation Name") or (f"CTE {n['CTE Name']}" if "CTE Name" in n else None),
+                "alias": n.get("Alias"),
+                "index": n.get("Index Name"),
+                "join_type": n.get("Join Type"),
+                "strategy": n.get("Strategy"),
+                "relationship": n.get("Parent Relationship"),
+                "subplan": n.get("Subplan Name"),
+                "parallel": bool(n.get("Parallel Aware")) or it["divisor"] > 1,
+                "plan_rows": n.get("Plan Rows"),
+                "actual_rows": actual,
+                "actual_rows_total": rows_total,
+                "loops": loops,
+                "misestimate": mis,
+                "estimate": None if mis is None else ("under" if mis > 1 else "over" if mis < -1 else "exact"),
+                "startup_cost": n.get("Startup Cost"),
+                "total_cost": n.get("Total Cost"),
+                "disabled": bool(disabled),
+                "inclusive_ms": inclusive,
+                "exclusive_ms": inclusive,
+                "shared_hit": n.get("Shared Hit Blocks"),
+                "shared_read": n.get("Shared Read Blocks"),
+                "shared_dirtied": n.get("Shared Dirtied Blocks"),
+                "temp_read": n.get("Temp Read Blocks"),
+                "temp_written": n.get("Temp Written Blocks"),
+                "rows_removed_by_filter": None if removed is None or loops is None else float(removed) * float(loops),
+                "rows_removed_by_recheck": None if recheck is None or loops is None else float(recheck) * float(loops),
+                "heap_fetches": n.get("Heap Fetches"),
+                "workers_launched": n.get("Workers Launched"),
+                "scan_direction": n.get("Scan Direction"),
+                "condition": cond or None,
+            }
+        )
     if rows and rows[0]["inclusive_ms"] is not None:
         _exclusive(items, rows)
     df = pd.DataFrame(rows, columns=COLUMNS)
@@ -395,8 +469,13 @@ def _exclusive(items: list[dict], rows: list[dict]) -> None:
                 cands = [x["id"] for x in items if x["node"].get("CTE Name") == cte and x["id"] not in own]
             else:
                 refs = _initplan_params(name)
-                cands = [x["id"] for x in items if x["id"] not in own and x["id"] != parent
-                         and any(re.search(re.escape(r) + r"(?!\d)", _node_text(x["node"])) for r in refs)]
+                cands = [
+                    x["id"]
+                    for x in items
+                    if x["id"] not in own
+                    and x["id"] != parent
+                    and any(re.search(re.escape(r) + r"(?!\d)", _node_text(x["node"])) for r in refs)
+                ]
             if cands:
                 # the first reader pulled the subplan: charge the one that took the most time
                 payer = max(cands, key=lambda c: excl[c])
@@ -408,8 +487,10 @@ def _exclusive(items: list[dict], rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- text
 def _records(df: pd.DataFrame) -> list[dict]:
     """Rows as dicts with None for missing values (pandas turns None into NaN)."""
-    return [{k: (None if v is pd.NA or (isinstance(v, float) and v != v) else v) for k, v in row.items()}
-            for row in df.to_dict(orient="records")]
+    return [
+        {k: (None if v is pd.NA or (isinstance(v, float) and v != v) else v) for k, v in row.items()}
+        for row in df.to_dict(orient="records")
+    ]
 
 
 def _label(r: dict) -> str:
@@ -446,9 +527,14 @@ def render_text(plan: Plan) -> str:
         head = f"{pad}{'->  ' if r['depth'] else ''}{_label(r)}  (cost={r['startup_cost']:.2f}..{r['total_cost']:.2f} rows={r['plan_rows']:.0f})"
         if plan.analyzed and r["loops"] is not None:
             raw_node = _raw_nodes(plan)[nid]
-            head += (f" (actual time={raw_node.get('Actual Startup Time', 0):.3f}..{raw_node.get('Actual Total Time', 0):.3f}"
-                     f" rows={_fmt_rows(r['actual_rows'])} loops={int(r['loops'])})") if "Actual Total Time" in raw_node \
+            head += (
+                (
+                    f" (actual time={raw_node.get('Actual Startup Time', 0):.3f}..{raw_node.get('Actual Total Time', 0):.3f}"
+                    f" rows={_fmt_rows(r['actual_rows'])} loops={int(r['loops'])})"
+                )
+                if "Actual Total Time" in raw_node
                 else f" (actual rows={_fmt_rows(r['actual_rows'])} loops={int(r['loops'])})"
+            )
         lines.append(head)
         inner = " " * (len(pad) + (6 if r["depth"] else 2))
         if r["condition"]:
@@ -506,8 +592,11 @@ def plan_html(plan: Plan, max_sql: int = 400) -> str:
     """An indented tree with a bar per node for its share of exclusive time, hot nodes coloured."""
     nodes = plan.nodes
     total = plan.execution_ms or (nodes["exclusive_ms"].sum() if plan.analyzed else None)
-    head = (f"<b>Execution</b> {plan.execution_ms:,.2f} ms · <b>planning</b> {plan.planning_ms:,.2f} ms"
-            if plan.execution_ms is not None else f"<b>estimated cost</b> {plan.root['total_cost']:,.2f} (not executed)")
+    head = (
+        f"<b>Execution</b> {plan.execution_ms:,.2f} ms · <b>planning</b> {plan.planning_ms:,.2f} ms"
+        if plan.execution_ms is not None
+        else f"<b>estimated cost</b> {plan.root['total_cost']:,.2f} (not executed)"
+    )
     head += f" · <b>buffers</b> hit {_fmt_int(plan.root['shared_hit'])} read {_fmt_int(plan.root['shared_read'])}"
     if plan.settings:
         head += " · <b>settings</b> " + html.escape(", ".join(f"{k}={v}" for k, v in plan.settings.items()))
@@ -517,17 +606,33 @@ def plan_html(plan: Plan, max_sql: int = 400) -> str:
         color = _color(share)
         label = html.escape(_label(r))
         sub = f"<span style='color:#888'>{html.escape(str(r['subplan']))} · </span>" if r["subplan"] else ""
-        cond = f"<div style='color:#777;font-size:85%'>{html.escape(str(r['condition'])[:160])}</div>" if r["condition"] else ""
+        cond = (
+            f"<div style='color:#777;font-size:85%'>{html.escape(str(r['condition'])[:160])}</div>"
+            if r["condition"]
+            else ""
+        )
         flag = _flag(r["misestimate"])
-        flag_html = (f" <span style='color:{'#d62728' if abs(r['misestimate']) >= 100 else '#e67e00'};font-weight:bold'>"
-                     f"{html.escape(flag)}</span>") if flag else ""
-        bar = (f"<div style='background:#eee;width:140px;height:10px;display:inline-block'>"
-               f"<div style='background:{color};width:{min(share, 1) * 100:.1f}%;height:10px'></div></div>")
-        time_cell = (f"{bar} {r['exclusive_ms']:,.2f} ms <span style='color:#888'>({share:.0%})</span>"
-                     if plan.analyzed else "")
-        rows_cell = (f"{_fmt_rows(r['actual_rows'])} <span style='color:#888'>/ est {_fmt_int(r['plan_rows'])}</span>{flag_html}"
-                     + (f" <span style='color:#888'>× {int(r['loops'])} loops</span>" if r["loops"] and r["loops"] > 1 else "")
-                     if plan.analyzed else f"est {_fmt_int(r['plan_rows'])}")
+        flag_html = (
+            (
+                f" <span style='color:{'#d62728' if abs(r['misestimate']) >= 100 else '#e67e00'};font-weight:bold'>"
+                f"{html.escape(flag)}</span>"
+            )
+            if flag
+            else ""
+        )
+        bar = (
+            f"<div style='background:#eee;width:140px;height:10px;display:inline-block'>"
+            f"<div style='background:{color};width:{min(share, 1) * 100:.1f}%;height:10px'></div></div>"
+        )
+        time_cell = (
+            f"{bar} {r['exclusive_ms']:,.2f} ms <span style='color:#888'>({share:.0%})</span>" if plan.analyzed else ""
+        )
+        rows_cell = (
+            f"{_fmt_rows(r['actual_rows'])} <span style='color:#888'>/ est {_fmt_int(r['plan_rows'])}</span>{flag_html}"
+            + (f" <span style='color:#888'>× {int(r['loops'])} loops</span>" if r["loops"] and r["loops"] > 1 else "")
+            if plan.analyzed
+            else f"est {_fmt_int(r['plan_rows'])}"
+        )
         bufs = f"{_fmt_int(r['shared_hit'])} / {_fmt_int(r['shared_read'])}"
         weight = "bold" if share >= 0.2 else "normal"
         rows_html.append(
@@ -535,13 +640,16 @@ def plan_html(plan: Plan, max_sql: int = 400) -> str:
             f"<span style='font-weight:{weight}'>{'↳ ' if r['depth'] else ''}{label}</span>{cond}</td>"
             f"<td style='text-align:left;white-space:nowrap'>{time_cell}</td>"
             f"<td style='text-align:left;white-space:nowrap'>{rows_cell}</td>"
-            f"<td style='text-align:right'>{bufs}</td></tr>")
+            f"<td style='text-align:right'>{bufs}</td></tr>"
+        )
     sql = html.escape(plan.sql if len(plan.sql) <= max_sql else plan.sql[:max_sql] + " …")
-    return (f"<div style='font-family:monospace;font-size:12px'><div>{head}</div>"
-            f"<details><summary>SQL</summary><pre>{sql}</pre></details>"
-            f"<table style='border-collapse:collapse'><thead><tr><th style='text-align:left'>node</th>"
-            f"<th style='text-align:left'>exclusive time</th><th style='text-align:left'>rows actual / estimated</th>"
-            f"<th>buffers hit / read</th></tr></thead><tbody>{''.join(rows_html)}</tbody></table></div>")
+    return (
+        f"<div style='font-family:monospace;font-size:12px'><div>{head}</div>"
+        f"<details><summary>SQL</summary><pre>{sql}</pre></details>"
+        f"<table style='border-collapse:collapse'><thead><tr><th style='text-align:left'>node</th>"
+        f"<th style='text-align:left'>exclusive time</th><th style='text-align:left'>rows actual / estimated</th>"
+        f"<th>buffers hit / read</th></tr></thead><tbody>{''.join(rows_html)}</tbody></table></div>"
+    )
 
 
 # ----------------------------------------------------------------------------- static picture
@@ -562,8 +670,17 @@ def _draw(plan: Plan, ax_tree, ax_bar, width_chars: int, xmax: float | None = No
     for r in recs:
         y, d = int(r["id"]), int(r["depth"])
         share = (r["exclusive_ms"] / total) if plan.analyzed else 0.0
-        ax_tree.text(2 * d + 0.3, y, _tree_label(r), va="center", ha="left", fontsize=9, family="monospace",
-                     fontweight="bold" if share >= 0.2 else "normal", color="#111" if share >= 0.05 else "#444")
+        ax_tree.text(
+            2 * d + 0.3,
+            y,
+            _tree_label(r),
+            va="center",
+            ha="left",
+            fontsize=9,
+            family="monospace",
+            fontweight="bold" if share >= 0.2 else "normal",
+            color="#111" if share >= 0.05 else "#444",
+        )
         if r["parent"] is not None:
             px = 2 * (d - 1) + 0.9
             ax_tree.plot([px, px, 2 * d + 0.1], [int(r["parent"]) + 0.32, y, y], color="#aaa", lw=0.9)
@@ -584,8 +701,15 @@ def _draw(plan: Plan, ax_tree, ax_bar, width_chars: int, xmax: float | None = No
             note = f"est rows {_fmt_int(r['plan_rows'])}"
         flag = _flag(r["misestimate"])
         color = "#333" if not flag else "#d62728" if abs(r["misestimate"]) >= 100 else "#e67e00"
-        ax_bar.text(v + right * 0.02, y, note + (f"  {flag}" if flag else ""), va="center", fontsize=8, color=color,
-                    fontweight="bold" if flag else "normal")
+        ax_bar.text(
+            v + right * 0.02,
+            y,
+            note + (f"  {flag}" if flag else ""),
+            va="center",
+            fontsize=8,
+            color=color,
+            fontweight="bold" if flag else "normal",
+        )
     ax_bar.set_xlabel("exclusive time (ms)" if plan.analyzed else "(not executed)")
 
 
@@ -597,8 +721,16 @@ def _grid_figure(plans: list[Plan], titles: list[str], suptitle: str | None, sha
     tree_w = max(2.5, _CHAR_IN * width_chars)
     bar_w = 6.5
     fig = plt.figure(figsize=(tree_w + bar_w, 0.36 * sum(heights) + 0.5 * len(plans) + (0.5 if suptitle else 0.1)))
-    gs = fig.add_gridspec(len(plans), 2, width_ratios=[tree_w, bar_w], height_ratios=heights, wspace=0.0, hspace=0.6,
-                          left=0.01, right=0.97)
+    gs = fig.add_gridspec(
+        len(plans),
+        2,
+        width_ratios=[tree_w, bar_w],
+        height_ratios=heights,
+        wspace=0.0,
+        hspace=0.6,
+        left=0.01,
+        right=0.97,
+    )
     xmax = max(max(p.nodes["exclusive_ms"].max() or 0, 1e-3) for p in plans) if shared_x else None
     for i, (p, t) in enumerate(zip(plans, titles, strict=True)):
         ax_tree, ax_bar = fig.add_subplot(gs[i, 0]), fig.add_subplot(gs[i, 1])
@@ -607,9 +739,16 @@ def _grid_figure(plans: list[Plan], titles: list[str], suptitle: str | None, sha
     if suptitle:
         fig.suptitle(suptitle, fontsize=13, fontweight="bold", x=0.01, ha="left")
     if any(p.analyzed for p in plans):
-        fig.text(0.01, 0.0, "bar = the node's own (exclusive) time; colour = its share of the run: red ≥ 50 %, "
-                 "orange ≥ 20 %, yellow ≥ 5 %.  rows actual / estimated (× loops);  ⚠ ×10, ‼ ×100 misestimate",
-                 fontsize=8, color="#555", va="top", ha="left")
+        fig.text(
+            0.01,
+            0.0,
+            "bar = the node's own (exclusive) time; colour = its share of the run: red ≥ 50 %, "
+            "orange ≥ 20 %, yellow ≥ 5 %.  rows actual / estimated (× loops);  ⚠ ×10, ‼ ×100 misestimate",
+            fontsize=8,
+            color="#555",
+            va="top",
+            ha="left",
+        )
     return fig
 
 
@@ -643,29 +782,45 @@ class Comparison:
     def df(self) -> pd.DataFrame:
         rows = []
         for label, p in zip(self.labels, (self.before, self.after), strict=True):
-            rows.append({"plan": label, "execution_ms": p.execution_ms, "planning_ms": p.planning_ms,
-                         "shared_blocks": p.shared_blocks, "root": p.root["node_type"],
-                         "scans": ", ".join(f"{r.node_type} on {r.relation}" + (f" ({r.index})" if r.index else "")
-                                            for r in p.scans.itertuples())})
+            rows.append(
+                {
+                    "plan": label,
+                    "execution_ms": p.execution_ms,
+                    "planning_ms": p.planning_ms,
+                    "shared_blocks": p.shared_blocks,
+                    "root": p.root["node_type"],
+                    "scans": ", ".join(
+                        f"{r.node_type} on {r.relation}" + (f" ({r.index})" if r.index else "")
+                        for r in p.scans.itertuples()
+                    ),
+                }
+            )
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
         return f"Comparison(speedup=×{self.speedup:.1f}, {self.before!r} -> {self.after!r})"
 
     def _repr_html_(self) -> str:
-        head = (f"<h4 style='margin:4px 0'>speed-up ×{self.speedup:,.1f} "
-                f"({self.before.total_ms:,.2f} → {self.after.total_ms:,.2f} ms), buffers "
-                f"{self.before.shared_blocks:,} → {self.after.shared_blocks:,}</h4>")
-        cols = "".join(f"<div style='flex:1;min-width:420px'><b>{html.escape(lbl)}</b>{plan_html(p)}</div>"
-                       for lbl, p in zip(self.labels, (self.before, self.after), strict=True))
+        head = (
+            f"<h4 style='margin:4px 0'>speed-up ×{self.speedup:,.1f} "
+            f"({self.before.total_ms:,.2f} → {self.after.total_ms:,.2f} ms), buffers "
+            f"{self.before.shared_blocks:,} → {self.after.shared_blocks:,}</h4>"
+        )
+        cols = "".join(
+            f"<div style='flex:1;min-width:420px'><b>{html.escape(lbl)}</b>{plan_html(p)}</div>"
+            for lbl, p in zip(self.labels, (self.before, self.after), strict=True)
+        )
         return head + f"<div style='display:flex;gap:16px;flex-wrap:wrap'>{cols}</div>"
 
     def figure(self, title: str | None = None):
         """Both plans stacked on one time axis, so the 'after' bars are to scale with the 'before' ones."""
         sup = f"{title + ': ' if title else ''}speed-up ×{self.speedup:,.1f}"
-        return _grid_figure([self.before, self.after],
-                            [_plan_title(self.before, self.labels[0]), _plan_title(self.after, self.labels[1])],
-                            sup, shared_x=True)
+        return _grid_figure(
+            [self.before, self.after],
+            [_plan_title(self.before, self.labels[0]), _plan_title(self.after, self.labels[1])],
+            sup,
+            shared_x=True,
+        )
 
 
 def compare(before: Plan, after: Plan, labels: tuple[str, str] = ("before", "after")) -> Comparison:

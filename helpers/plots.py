@@ -62,8 +62,18 @@ def figure(title: str, xlabel: str, ylabel: str, *, logx: bool = False, logy: bo
 
 
 def lines(
-    df: pd.DataFrame, x: str, y: str, hue: str, *, title: str, xlabel: str, ylabel: str,
-    logx: bool = False, logy: bool = False, marker: str = "o", legend_title: str | None = None,
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    logy: bool = False,
+    marker: str = "o",
+    legend_title: str | None = None,
 ):
     """One line per value of ``hue`` (e.g. a loader strategy), points marked."""
     fig, ax = figure(title, xlabel, ylabel, logx=logx, logy=logy)
@@ -76,8 +86,16 @@ def lines(
 
 
 def bars(
-    labels, values, *, title: str, xlabel: str, ylabel: str, logy: bool = False, horizontal: bool = False,
-    annotate: str | None = "{:,.0f}", colors=None,
+    labels,
+    values,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logy: bool = False,
+    horizontal: bool = False,
+    annotate: str | None = "{:,.0f}",
+    colors=None,
 ):
     """A bar chart with each bar's value written on it."""
     fig, ax = figure(title, xlabel, ylabel, logy=logy and not horizontal, logx=logy and horizontal)
@@ -99,8 +117,16 @@ def bars(
 
 
 def heatmap(
-    matrix: pd.DataFrame, *, title: str, xlabel: str, ylabel: str, fmt: str = "{}", cmap: str = "RdYlGn_r",
-    vmin=None, vmax=None, cbar_label: str | None = None,
+    matrix: pd.DataFrame,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    fmt: str = "{}",
+    cmap: str = "RdYlGn_r",
+    vmin=None,
+    vmax=None,
+    cbar_label: str | None = None,
 ):
     """A labelled heatmap; booleans show as ✗ (True, e.g. conflicts) and · (False)."""
     values = matrix.to_numpy()
@@ -115,8 +141,17 @@ def heatmap(
         for j in range(matrix.shape[1]):
             v = values[i, j]
             label = ("✗" if v else "·") if is_bool else fmt.format(v)
-            ax.text(j, i, label, ha="center", va="center", fontsize=9,
-                    color="white" if not is_bool and np.isfinite(numeric[i, j]) and im.norm(numeric[i, j]) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                label,
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white"
+                if not is_bool and np.isfinite(numeric[i, j]) and im.norm(numeric[i, j]) > 0.6
+                else "black",
+            )
     if not is_bool:
         cb = fig.colorbar(im, ax=ax)
         if cbar_label:

@@ -277,8 +277,7 @@ def sizing_sweep(pool_sizes, workers, *, tasks: int, service_ms: float, app: str
     stmt = text("SELECT pg_sleep(:s)")
     rows = []
     for size in pool_sizes:
-        engine = make_engine(pool_size=size, max_overflow=0, pool_timeout=30,
-                             connect_args={"application_name": app})
+        engine = make_engine(pool_size=size, max_overflow=0, pool_timeout=30, connect_args={"application_name": app})
         try:
             warm(engine, size)
             for w in workers:
@@ -297,11 +296,13 @@ def sizing_sweep(pool_sizes, workers, *, tasks: int, service_ms: float, app: str
 def connection_budget(engine: Engine) -> dict:
     """max_connections, the reserved slots, connections in use now, and what is left for non-superusers."""
     with engine.connect() as conn:
-        row = conn.execute(text(
-            "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int, "
-            "coalesce(current_setting('reserved_connections', true), '0')::int, "
-            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
-        )).one()
+        row = conn.execute(
+            text(
+                "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int, "
+                "coalesce(current_setting('reserved_connections', true), '0')::int, "
+                "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+            )
+        ).one()
     max_c, su_reserved, reserved, in_use = row
     return {
         "max_connections": max_c,
@@ -318,10 +319,13 @@ def terminate_backends(engine: Engine, application_name: str) -> int:
     if not application_name.startswith("wb_pool"):
         raise ValueError("only backends of this chapter (application_name wb_pool...) may be terminated")
     with engine.connect() as conn:
-        n = conn.execute(text(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-            "WHERE application_name = :app AND pid <> pg_backend_pid()"
-        ), {"app": application_name}).scalar_one()
+        n = conn.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                "WHERE application_name = :app AND pid <> pg_backend_pid()"
+            ),
+            {"app": application_name},
+        ).scalar_one()
         conn.commit()
     return int(n)
 
@@ -338,9 +342,14 @@ def _pid_alive(pid: int) -> bool:
 
 def _drop_stale_roles(conn: psycopg.Connection) -> None:
     """Drop roles this module made in processes that are gone (a crashed run), if nobody uses them."""
-    names = [r[0] for r in conn.execute(
-        "SELECT rolname FROM pg_roles r WHERE rolname LIKE %s AND NOT EXISTS "
-        "(SELECT 1 FROM pg_stat_activity a WHERE a.usename = r.rolname)", (ROLE_PREFIX + "%",))]
+    names = [
+        r[0]
+        for r in conn.execute(
+            "SELECT rolname FROM pg_roles r WHERE rolname LIKE %s AND NOT EXISTS "
+            "(SELECT 1 FROM pg_stat_activity a WHERE a.usename = r.rolname)",
+            (ROLE_PREFIX + "%",),
+        )
+    ]
     for name in names:
         m = re.fullmatch(re.escape(ROLE_PREFIX) + r"(\d+)", name)
         if m and not _pid_alive(int(m.group(1))):
@@ -357,8 +366,11 @@ def limited_role(limit: int = 2):
     with psycopg.connect(**conninfo, autocommit=True) as conn:
         _drop_stale_roles(conn)
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CONNECTION LIMIT {} PASSWORD {}").format(
-            sql.Identifier(name), sql.Literal(limit), sql.Literal(pw)))
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CONNECTION LIMIT {} PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(limit), sql.Literal(pw)
+            )
+        )
     try:
         yield database_url().set(username=name, password=pw)
     finally:
@@ -428,7 +440,11 @@ class TooManyClients:
         self.env, self.timeout_s, self.t0 = env, timeout_s, time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-c", _THROWAWAY, str(max_connections), str(superuser_reserved)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO_ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(REPO_ROOT),
             preexec_fn=_nice_and_die_with_parent,
         )
 
@@ -474,5 +490,10 @@ def _stop_leftover(state: str, env: dict) -> None:
         return
     for pidfile in (os.path.join(state, d, "data", "postmaster.pid") for d in os.listdir(state) if d.startswith("pg")):
         if os.path.exists(pidfile):
-            subprocess.run([sys.executable, "-c", "from helpers import server; server.stop()"],
-                           env=env, cwd=str(REPO_ROOT), capture_output=True, timeout=60)
+            subprocess.run(
+                [sys.executable, "-c", "from helpers import server; server.stop()"],
+                env=env,
+                cwd=str(REPO_ROOT),
+                capture_output=True,
+                timeout=60,
+            )

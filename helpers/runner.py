@@ -28,8 +28,13 @@ def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
     total0 = time.perf_counter()
     for path in notebooks(selected):
         nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        client = NotebookClient(
+            nb,
+            timeout=timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
         t0 = time.perf_counter()
         print(f"▶ {path.name} ...", end="", flush=True)
         failed = None
@@ -42,8 +47,14 @@ def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
             html, _ = HTMLExporter().from_notebook_node(nb)
             (out / path.with_suffix(".html").name).write_text(html)
         if failed is not None:
-            idx = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"
-                        and any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
+            idx = next(
+                (
+                    i
+                    for i, c in enumerate(nb.cells)
+                    if c.cell_type == "code" and any(o.get("output_type") == "error" for o in c.get("outputs", []))
+                ),
+                None,
+            )
             ename = str(failed).strip().splitlines()[-1] if str(failed).strip() else type(failed).__name__
             print(f" FAILED in cell {idx} after {time.perf_counter() - t0:.1f}s: {ename}")
             if idx is not None:
@@ -78,17 +89,21 @@ def write_environment_yml() -> None:
     """environment.yml for conda users: the exact pins of requirements.lock under pip."""
     lock = REPO_ROOT / "requirements.lock"
     pins = [ln.strip() for ln in lock.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    out = [
-        "# The same exact set as requirements.lock, for conda users:",
-        "#   conda env create -f environment.yml && conda activate qo-workbook",
-        "# then run the notebooks with `python -m helpers run` (or `make run PYTHON=python`).",
-        "# Kept in sync by `make lock`; tests/test_repo.py checks both list the same packages.",
-        "name: qo-workbook",
-        "channels:",
-        "  - conda-forge",
-        "dependencies:",
-        "  - python=3.11",
-        "  - pip",
-        "  - pip:",
-    ] + [f"      - {p}" for p in pins] + ["      - -e .  # the helpers package of this checkout"]
+    out = (
+        [
+            "# The same exact set as requirements.lock, for conda users:",
+            "#   conda env create -f environment.yml && conda activate qo-workbook",
+            "# then run the notebooks with `python -m helpers run` (or `make run PYTHON=python`).",
+            "# Kept in sync by `make lock`; tests/test_repo.py checks both list the same packages.",
+            "name: qo-workbook",
+            "channels:",
+            "  - conda-forge",
+            "dependencies:",
+            "  - python=3.11",
+            "  - pip",
+            "  - pip:",
+        ]
+        + [f"      - {p}" for p in pins]
+        + ["      - -e .  # the helpers package of this checkout"]
+    )
     (REPO_ROOT / "environment.yml").write_text("\n".join(out) + "\n")

@@ -67,10 +67,26 @@ def _u(stream: int, row: str = "g") -> str:
 
 
 _COUNTRIES = [  # (country, region): skewed towards the first ones
-    ("US", "americas"), ("DE", "europe"), ("IN", "asia"), ("GB", "europe"), ("BR", "americas"),
-    ("FR", "europe"), ("JP", "asia"), ("CA", "americas"), ("NG", "africa"), ("AU", "oceania"),
-    ("ES", "europe"), ("MX", "americas"), ("KR", "asia"), ("IT", "europe"), ("ZA", "africa"),
-    ("NL", "europe"), ("AR", "americas"), ("SE", "europe"), ("KE", "africa"), ("NZ", "oceania"),
+    ("US", "americas"),
+    ("DE", "europe"),
+    ("IN", "asia"),
+    ("GB", "europe"),
+    ("BR", "americas"),
+    ("FR", "europe"),
+    ("JP", "asia"),
+    ("CA", "americas"),
+    ("NG", "africa"),
+    ("AU", "oceania"),
+    ("ES", "europe"),
+    ("MX", "americas"),
+    ("KR", "asia"),
+    ("IT", "europe"),
+    ("ZA", "africa"),
+    ("NL", "europe"),
+    ("AR", "americas"),
+    ("SE", "europe"),
+    ("KE", "africa"),
+    ("NZ", "oceania"),
 ]
 _C_ARR = "ARRAY[" + ",".join(f"'{c}'" for c, _ in _COUNTRIES) + "]"
 _R_ARR = "ARRAY[" + ",".join(f"'{r}'" for _, r in _COUNTRIES) + "]"
@@ -144,8 +160,17 @@ LOADS: dict[str, str] = {
 }
 # units of work, most expensive first; two workers take the next one when free. A unit is one
 # transaction (create, load, keys, indexes); order_items must precede orders (its totals).
-_UNITS = [["comments"], ["post_tags"], ["posts"], ["order_items", "orders"], ["users"], ["profiles"],
-          ["accounts"], ["products"], ["tags"]]
+_UNITS = [
+    ["comments"],
+    ["post_tags"],
+    ["posts"],
+    ["order_items", "orders"],
+    ["users"],
+    ["profiles"],
+    ["accounts"],
+    ["products"],
+    ["tags"],
+]
 
 
 def _bare_table_ddl(table, dialect) -> str:
@@ -267,8 +292,13 @@ def seed(
         raise WorkbookError(f"Unknown scale {scale!r}; use one of {', '.join(SCALES)}.")
     sizes = SCALES[scale]
     params = {
-        "seed": seed_value, "users": sizes.users, "posts": sizes.posts, "comments": sizes.comments,
-        "products": sizes.products, "orders": sizes.orders, "tags": sizes.tags,
+        "seed": seed_value,
+        "users": sizes.users,
+        "posts": sizes.posts,
+        "comments": sizes.comments,
+        "products": sizes.products,
+        "orders": sizes.orders,
+        "tags": sizes.tags,
     }
     # a private copy: AddConstraint marks a constraint as "not inline" on the Table it belongs to,
     # which would change every later CreateTable / create_all of helpers.models in this process
@@ -286,10 +316,16 @@ def seed(
                 _drop_owned(conn, schemas=False)
                 conn.execute(text(f"CREATE TABLE {MARKER_TABLE} (key text PRIMARY KEY, value text NOT NULL)"))
                 conn.execute(text(f"COMMENT ON TABLE {MARKER_TABLE} IS '{OWNER_COMMENT}'"))
-                marker = {"owner": OWNER_COMMENT, "scale": scale, "seed": str(seed_value),
-                          "schema_version": schema_version(), "complete": "false"}
-                conn.execute(text(f"INSERT INTO {MARKER_TABLE} VALUES (:k, :v)"),
-                             [{"k": k, "v": v} for k, v in marker.items()])
+                marker = {
+                    "owner": OWNER_COMMENT,
+                    "scale": scale,
+                    "seed": str(seed_value),
+                    "schema_version": schema_version(),
+                    "complete": "false",
+                }
+                conn.execute(
+                    text(f"INSERT INTO {MARKER_TABLE} VALUES (:k, :v)"), [{"k": k, "v": v} for k, v in marker.items()]
+                )
             if bar:
                 bar.update(1)
 
@@ -320,6 +356,7 @@ def seed(
             with ThreadPoolExecutor(2) as pool:  # two workers, each taking the next unit when free
                 list(pool.map(run_unit, _UNITS))
             stages["load_and_index"] = time.perf_counter() - t0
+
             def vacuum(names: list[str]) -> None:
                 with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                     conn.execute(text("VACUUM (ANALYZE) " + ", ".join(names)))
@@ -339,7 +376,9 @@ def seed(
                 for t in tables:  # explicit ids were inserted: move each serial sequence past them
                     if "id" in t.c and t.c.id.primary_key:
                         conn.execute(
-                            text(f"SELECT setval(pg_get_serial_sequence(:t, 'id'), (SELECT coalesce(max(id), 0) + 1 FROM {t.name}), false)"),
+                            text(
+                                f"SELECT setval(pg_get_serial_sequence(:t, 'id'), (SELECT coalesce(max(id), 0) + 1 FROM {t.name}), false)"
+                            ),
                             {"t": t.name},
                         )
             if bar:
@@ -354,8 +393,13 @@ def seed(
         finally:
             lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
             lock_conn.commit()
-    return {"scale": scale, "seconds": time.perf_counter() - t0, "rows": sum(rows.values()),
-            "tables": dict(sorted(rows.items(), key=lambda kv: -kv[1])), "stages": stages}
+    return {
+        "scale": scale,
+        "seconds": time.perf_counter() - t0,
+        "rows": sum(rows.values()),
+        "tables": dict(sorted(rows.items(), key=lambda kv: -kv[1])),
+        "stages": stages,
+    }
 
 
 def ensure_seeded(engine: Engine, scale: str | None = None, *, progress: bool = False) -> bool:

@@ -87,9 +87,7 @@ def _as_server_user() -> dict:
 
 def _server_user_can_run(bindir: Path) -> bool:
     try:
-        res = subprocess.run(
-            [str(bindir / "postgres"), "--version"], capture_output=True, cwd="/", **_as_server_user()
-        )
+        res = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, cwd="/", **_as_server_user())
     except PermissionError:
         return False
     return res.returncode == 0
@@ -311,9 +309,7 @@ def password(p: Paths | None = None) -> str:
 def _run(cmd: list[str], p: Paths, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
-    return subprocess.run(
-        cmd, capture_output=True, text=True, cwd=str(p.state), env=env, **_as_server_user(), **kw
-    )
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=str(p.state), env=env, **_as_server_user(), **kw)
 
 
 def _initdb(p: Paths, bindir: Path) -> None:
@@ -328,8 +324,20 @@ def _initdb(p: Paths, bindir: Path) -> None:
     pwfile.chmod(0o600)
     try:
         res = _run(
-            [str(bindir / "initdb"), "-D", str(p.data), "-U", SUPERUSER, "--pwfile", str(pwfile),
-             "--auth=scram-sha-256", "--no-locale", "--encoding=UTF8", "--no-instructions", "--no-sync"],
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(p.data),
+                "-U",
+                SUPERUSER,
+                "--pwfile",
+                str(pwfile),
+                "--auth=scram-sha-256",
+                "--no-locale",
+                "--encoding=UTF8",
+                "--no-instructions",
+                "--no-sync",
+            ],
             p,
         )
     finally:

@@ -109,11 +109,29 @@ class StepResult:
 class Transcript:
     """The outcome of ``Scenario.run``: ``.df``, accessors per step, and a T1/T2 column display."""
 
-    COLUMNS = ["order", "session", "step", "sql", "rows", "error", "sqlstate", "waited", "blocked_by",
-               "finished_after", "issued", "status"]
+    COLUMNS = [
+        "order",
+        "session",
+        "step",
+        "sql",
+        "rows",
+        "error",
+        "sqlstate",
+        "waited",
+        "blocked_by",
+        "finished_after",
+        "issued",
+        "status",
+    ]
 
-    def __init__(self, name: str, sessions: list[str], permutation: list[str], results: dict[str, StepResult],
-                 events: list[tuple[str, str]]):
+    def __init__(
+        self,
+        name: str,
+        sessions: list[str],
+        permutation: list[str],
+        results: dict[str, StepResult],
+        events: list[tuple[str, str]],
+    ):
         self.name = name
         self.sessions = sessions
         self.permutation = permutation
@@ -175,8 +193,16 @@ class Transcript:
             else:
                 head = f"{step}: {_short(r.shown_sql(), n)}"
                 if r.waited:
-                    head = f"{step}: … " + (f"completed after {r.finished_after}" if r.finished_after else "ended by the server")
-                out.append((r.session, f"{head}  {_short(_outcome(r), max(n, 60))}", "error" if r.sqlstate else ("done" if r.waited else "ok")))
+                    head = f"{step}: … " + (
+                        f"completed after {r.finished_after}" if r.finished_after else "ended by the server"
+                    )
+                out.append(
+                    (
+                        r.session,
+                        f"{head}  {_short(_outcome(r), max(n, 60))}",
+                        "error" if r.sqlstate else ("done" if r.waited else "ok"),
+                    )
+                )
         return out
 
     def __repr__(self) -> str:
@@ -186,22 +212,34 @@ class Transcript:
         lines = [f"Scenario {self.name!r}", "    " + " | ".join(s.ljust(width[s]) for s in self.sessions)]
         for i, (sess, txt, _) in enumerate(cells, 1):
             txt = txt[:72]
-            parts = [(txt if s == sess else "").ljust(width[s])[: max(width[s], len(txt)) if s == sess else width[s]]
-                     for s in self.sessions]
+            parts = [
+                (txt if s == sess else "").ljust(width[s])[: max(width[s], len(txt)) if s == sess else width[s]]
+                for s in self.sessions
+            ]
             lines.append(f"{i:>3} " + " | ".join(parts).rstrip())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        colors = {"ok": "", "done": "background:#e8f4e8", "blocked": "background:#fff3cd", "error": "background:#f8d7da"}
+        colors = {
+            "ok": "",
+            "done": "background:#e8f4e8",
+            "blocked": "background:#fff3cd",
+            "error": "background:#f8d7da",
+        }
         head = "".join(f"<th style='text-align:left'>{html.escape(s)}</th>" for s in self.sessions)
         body = []
         for i, (sess, txt, kind) in enumerate(self._cells(200), 1):
             tds = "".join(
-                f"<td style='text-align:left;font-family:monospace;{colors[kind]}'>{html.escape(txt)}</td>" if s == sess
-                else "<td></td>" for s in self.sessions)
+                f"<td style='text-align:left;font-family:monospace;{colors[kind]}'>{html.escape(txt)}</td>"
+                if s == sess
+                else "<td></td>"
+                for s in self.sessions
+            )
             body.append(f"<tr><td>{i}</td>{tds}</tr>")
-        return (f"<div><b>Scenario {html.escape(self.name)}</b><table><thead><tr><th>#</th>{head}</tr></thead>"
-                f"<tbody>{''.join(body)}</tbody></table></div>")
+        return (
+            f"<div><b>Scenario {html.escape(self.name)}</b><table><thead><tr><th>#</th>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>"
+        )
 
 
 def _hashable(v):
@@ -252,8 +290,17 @@ def _execute(conn: psycopg.Connection, sql: str, params) -> tuple:
 class Scenario:
     """Setup SQL, named sessions with named steps, teardown SQL; ``run(permutation)`` returns a Transcript."""
 
-    def __init__(self, name: str, setup=(), teardown=(), sessions: dict | None = None, *, lock_timeout: str = "3s",
-                 statement_timeout: str = "10s", database: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        setup=(),
+        teardown=(),
+        sessions: dict | None = None,
+        *,
+        lock_timeout: str = "3s",
+        statement_timeout: str = "10s",
+        database: str | None = None,
+    ):
         if not name.replace("_", "").isalnum():
             raise ScenarioError(f"scenario name must be letters, digits and underscores: {name!r}")
         self.name = name
@@ -311,8 +358,9 @@ class Scenario:
             for stmt in self.setup:
                 admin.execute(stmt)
             for s in sessions.values():
-                s.conn = psycopg.connect(**conninfo, autocommit=True, prepare_threshold=None,
-                                         application_name=self.application_name(s.name))
+                s.conn = psycopg.connect(
+                    **conninfo, autocommit=True, prepare_threshold=None, application_name=self.application_name(s.name)
+                )
                 self._set_bounds(s.conn)
                 if s.isolation:
                     s.conn.execute("SELECT set_config('default_transaction_isolation', %s, false)", (s.isolation,))
@@ -400,8 +448,9 @@ class Scenario:
     def _cycle(self, pending) -> bool:
         """True when the blocked steps wait for each other in a cycle (a deadlock not yet broken)."""
         blockers = self._poll(pending)
-        graph = {self._sessions[r.session].pid: set(blockers.get(self._sessions[r.session].pid) or [])
-                 for r, _ in pending}
+        graph = {
+            self._sessions[r.session].pid: set(blockers.get(self._sessions[r.session].pid) or []) for r, _ in pending
+        }
         for start in graph:
             seen, frontier = set(), set(graph[start])
             while frontier:
@@ -483,7 +532,9 @@ class Scenario:
         while pids and time.monotonic() < deadline:
             left = self._admin.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) "
-                "UNION ALL SELECT count(*) FROM pg_locks WHERE pid = ANY(%s)", (pids, pids)).fetchall()
+                "UNION ALL SELECT count(*) FROM pg_locks WHERE pid = ANY(%s)",
+                (pids, pids),
+            ).fetchall()
             if not any(n for (n,) in left):
                 return
             time.sleep(0.002)  # waiting for backends to exit, not deciding anything

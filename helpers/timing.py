@@ -56,6 +56,15 @@ def measure(
             if repeat is None and len(times) >= min_repeat and time.perf_counter() > deadline:
                 break
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-        rows.append({"case": name, "median_s": statistics.median(times), "min_s": min(times),
-                     "max_s": max(times), "iqr_s": q[2] - q[0], "repeats": len(times), **labels})
+        rows.append(
+            {
+                "case": name,
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "max_s": max(times),
+                "iqr_s": q[2] - q[0],
+                "repeats": len(times),
+                **labels,
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS + [k for k in labels])

@@ -28,8 +28,14 @@ def run_helpers(*args: str, env: dict | None = None, timeout: int = 180) -> subp
     private = {"DATABASE_URL", "WORKBOOK_DB", "WORKBOOK_PORT", "WORKBOOK_STATE"}  # WORKBOOK_PG_BIN is kept
     full_env = {k: v for k, v in os.environ.items() if k not in private}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "helpers", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "helpers", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

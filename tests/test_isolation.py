@@ -18,14 +18,15 @@ TABLE = "counter"
 @pytest.fixture(scope="module")
 def schema():
     engine = setup(quiet=True)
-    return lab_schema(engine, "isolation_tests")   # not wb_isolation: the notebook may run at the same time
+    return lab_schema(engine, "isolation_tests")  # not wb_isolation: the notebook may run at the same time
 
 
 @pytest.fixture()
 def rr(schema):
     """A repeatable-read engine and a fresh one-row counter table."""
-    eng = make_engine(isolation_level="REPEATABLE READ", poolclass=NullPool,
-                      connect_args={"application_name": "wb_isolation_tests"})
+    eng = make_engine(
+        isolation_level="REPEATABLE READ", poolclass=NullPool, connect_args={"application_name": "wb_isolation_tests"}
+    )
     with eng.begin() as conn:
         conn.execute(text(f"DROP TABLE IF EXISTS {schema}.{TABLE}"))
         conn.execute(text(f"CREATE TABLE {schema}.{TABLE} (id int PRIMARY KEY, n int NOT NULL)"))
@@ -65,12 +66,17 @@ def test_retry_recovers_from_a_real_serialization_failure(rr):
         calls.append(1)
         return _increment(eng, table, interfere)
 
-    result = retry(work, attempts=3, rng=random.Random(0), sleep=slept.append,
-                   on_retry=lambda attempt, exc, delay: retried.append((attempt, exc.orig.sqlstate, delay)))()
+    result = retry(
+        work,
+        attempts=3,
+        rng=random.Random(0),
+        sleep=slept.append,
+        on_retry=lambda attempt, exc, delay: retried.append((attempt, exc.orig.sqlstate, delay)),
+    )()
     assert len(calls) == 2
     assert [(a, s) for a, s, _ in retried] == [(1, "40001")]
     assert slept == [retried[0][2]] and 0 <= slept[0] <= 0.005
-    assert result == 2 and _value(eng, table) == 2     # the other increment and ours: nothing lost
+    assert result == 2 and _value(eng, table) == 2  # the other increment and ours: nothing lost
 
 
 def test_retry_gives_up_after_the_bounded_attempts(rr):
@@ -86,9 +92,9 @@ def test_retry_gives_up_after_the_bounded_attempts(rr):
         always_conflicting()
     assert info.value.orig.sqlstate == "40001"
     assert len(calls) == 4 and len(slept) == 3
-    assert all(0 <= d <= min(0.03, 0.01 * 2 ** i) for i, d in enumerate(slept))
+    assert all(0 <= d <= min(0.03, 0.01 * 2**i) for i, d in enumerate(slept))
     assert any("gave up after 4 attempts" in note for note in getattr(info.value, "__notes__", []))
-    assert _value(eng, table) == 4                     # only the interfering increments committed
+    assert _value(eng, table) == 4  # only the interfering increments committed
 
 
 def test_retry_raises_other_errors_at_once(rr):
@@ -139,6 +145,8 @@ def test_read_uncommitted_reads_no_dirty_data_and_repeatable_read_no_phantoms(sc
     dirty = anomalies.run(anomalies.PHENOMENA[0], "read uncommitted", schema)
     phantom = anomalies.run(anomalies.PHENOMENA[2], "repeatable read", schema)
     phantom_rc = anomalies.run(anomalies.PHENOMENA[2], "read committed", schema)
-    assert dirty.anomaly.key == "dirty_read" and dirty.outcome == "prevented" and dirty.transcript.rows("r2") == [(1, 10)]
+    assert (
+        dirty.anomaly.key == "dirty_read" and dirty.outcome == "prevented" and dirty.transcript.rows("r2") == [(1, 10)]
+    )
     assert phantom.anomaly.key == "phantom_read" and phantom.outcome == "prevented"
     assert phantom_rc.outcome == "occurred" and phantom_rc.transcript.rows("r1b") == [(2, 20), (3, 30)]

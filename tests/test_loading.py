@@ -101,11 +101,15 @@ def test_count_queries_agrees_with_pg_stat_statements(engine):
             before = dict(conn.execute(STATS, {"pattern": f"%{name}%"}).all())
         with count_queries(engine) as log:
             with engine.begin() as conn:
-                conn.execute(insert(t), [{"id": i, "v": "a"} for i in range(20)])            # executemany
-                conn.execute(insert(t).returning(t.c.id), [{"id": i, "v": "b"} for i in range(20, 30)])  # insertmanyvalues
-                conn.execute(update(t).where(t.c.id == bindparam("k")).values(v=bindparam("nv")),
-                             [{"k": i, "nv": "c"} for i in range(5)])                       # executemany
-                for i in range(12):                                                           # an N+1 by hand
+                conn.execute(insert(t), [{"id": i, "v": "a"} for i in range(20)])  # executemany
+                conn.execute(
+                    insert(t).returning(t.c.id), [{"id": i, "v": "b"} for i in range(20, 30)]
+                )  # insertmanyvalues
+                conn.execute(
+                    update(t).where(t.c.id == bindparam("k")).values(v=bindparam("nv")),
+                    [{"k": i, "nv": "c"} for i in range(5)],
+                )  # executemany
+                for i in range(12):  # an N+1 by hand
                     conn.execute(select(t.c.v).where(t.c.id == i)).all()
                 conn.execute(select(t).order_by(t.c.id)).all()
         with engine.connect() as conn:

@@ -22,7 +22,14 @@ from helpers.locks import (
 
 # PostgreSQL documentation, "Conflicting Lock Modes" (table 13.2), rows requested, columns held (MODES order)
 DOC_TABLE = [
-    "00000001", "00000011", "00001111", "00011111", "00110111", "00111111", "01111111", "11111111",
+    "00000001",
+    "00000011",
+    "00001111",
+    "00011111",
+    "00110111",
+    "00111111",
+    "01111111",
+    "11111111",
 ]
 # "Conflicting Row-Level Locks" (table 13.3)
 DOC_ROW = ["0001", "0011", "0111", "1111"]
@@ -50,8 +57,10 @@ def test_mode_lists_and_strongest():
 def test_locks_and_blocking_show_holder_and_waiter(engine, schema):
     t = f"{schema}.t_view"
     info = psycopg_conninfo()
-    with psycopg.connect(**info, autocommit=True, application_name="wb_testlocks_holder") as holder, \
-         psycopg.connect(**info, autocommit=True, application_name="wb_testlocks_waiter") as waiter:
+    with (
+        psycopg.connect(**info, autocommit=True, application_name="wb_testlocks_holder") as holder,
+        psycopg.connect(**info, autocommit=True, application_name="wb_testlocks_waiter") as waiter,
+    ):
         holder.execute(f"DROP TABLE IF EXISTS {t}")
         holder.execute(f"CREATE TABLE {t} (id int)")
         holder.execute("BEGIN")
@@ -97,10 +106,14 @@ def test_measured_row_conflicts_match_the_documentation(schema):
 
 def test_locks_taken_by_ordinary_statements(schema):
     t = f"{schema}.t_taken"
-    df = locks_taken({"select": f"SELECT * FROM {t}", "update": f"UPDATE {t} SET v = 1",
-                      "truncate": f"TRUNCATE {t}"},
-                     setup=[f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY, v int)"],
-                     schema=schema)
+    df = locks_taken(
+        {"select": f"SELECT * FROM {t}", "update": f"UPDATE {t} SET v = 1", "truncate": f"TRUNCATE {t}"},
+        setup=[f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY, v int)"],
+        schema=schema,
+    )
     on_table = df[df.relation == "t_taken"].groupby("statement")["mode"].agg(strongest)
-    assert on_table.to_dict() == {"select": "AccessShareLock", "update": "RowExclusiveLock",
-                                  "truncate": "AccessExclusiveLock"}
+    assert on_table.to_dict() == {
+        "select": "AccessShareLock",
+        "update": "RowExclusiveLock",
+        "truncate": "AccessExclusiveLock",
+    }

@@ -83,15 +83,22 @@ def test_expand_contract_keeps_the_data_both_ways(migtest):
     command.downgrade(cfg, "base")
     command.upgrade(cfg, "0001")
     with migtest.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO users (id, email, name, region, country, attributes) "
-            "SELECT g, 'u' || g || '@x', 'User ' || g, 'eu', 'de', '{}' FROM generate_series(1, 1200) g"))
+        conn.execute(
+            text(
+                "INSERT INTO users (id, email, name, region, country, attributes) "
+                "SELECT g, 'u' || g || '@x', 'User ' || g, 'eu', 'de', '{}' FROM generate_series(1, 1200) g"
+            )
+        )
     command.upgrade(cfg, "0008")  # expand: both columns, the trigger keeps them equal
     with migtest.begin() as conn:
         conn.execute(text("UPDATE users SET name = 'old code' WHERE id = 1"))
         conn.execute(text("UPDATE users SET full_name = 'new code' WHERE id = 2"))
-        conn.execute(text("INSERT INTO users (id, email, full_name, region, country, attributes) "
-                          "VALUES (5000, 'n@x', 'inserted by new code', 'eu', 'de', '{}')"))
+        conn.execute(
+            text(
+                "INSERT INTO users (id, email, full_name, region, country, attributes) "
+                "VALUES (5000, 'n@x', 'inserted by new code', 'eu', 'de', '{}')"
+            )
+        )
         mismatched = conn.execute(text("SELECT count(*) FROM users WHERE name IS DISTINCT FROM full_name")).scalar()
     assert mismatched == 0
     command.upgrade(cfg, "head")  # contract
@@ -107,12 +114,19 @@ def test_observatory_reads_locks_blocking_and_rewrites_from_the_server(migtest):
 
     nullable = ddl.observe_ddl(migtest, "add_nullable_column", lock_timeout="50ms")
     assert (nullable["lock"], nullable["blocks_reads"], nullable["blocks_writes"], nullable["rewrites_table"]) == (
-        "AccessExclusiveLock", True, True, False)
+        "AccessExclusiveLock",
+        True,
+        True,
+        False,
+    )
     bigint = ddl.observe_ddl(migtest, "alter_type_int_to_bigint", lock_timeout="50ms")
     assert bigint["rewrites_table"] and bigint["scans_table"]
     fk = ddl.observe_ddl(migtest, "validate_foreign_key", lock_timeout="50ms")
     assert (fk["lock"], fk["referenced_table_lock"], fk["blocks_writes"]) == (
-        "ShareUpdateExclusiveLock", "RowShareLock", False)
+        "ShareUpdateExclusiveLock",
+        "RowShareLock",
+        False,
+    )
     cic = ddl.observe_ddl(migtest, "create_index_concurrently", lock_timeout="50ms")
     assert cic["lock"] == "ShareUpdateExclusiveLock" and not cic["blocks_writes"] and cic["index_valid"]
 
@@ -121,8 +135,13 @@ def test_load_reports_the_wait_behind_a_held_lock(migtest):
     from helpers import ddl
 
     _, child = ddl.demo_tables(migtest, "wb_migrations")
-    with ddl.Load(migtest, write_sql=f"UPDATE {child} SET v = v + 1 WHERE id = %(id)s",
-                  read_sql=f"SELECT v FROM {child} WHERE id = %(id)s", ids=range(1, 101), rate_per_s=50) as load:
+    with ddl.Load(
+        migtest,
+        write_sql=f"UPDATE {child} SET v = v + 1 WHERE id = %(id)s",
+        read_sql=f"SELECT v FROM {child} WHERE id = %(id)s",
+        ids=range(1, 101),
+        rate_per_s=50,
+    ) as load:
         ddl.hold_transaction(migtest, [f"LOCK TABLE {child} IN SHARE MODE"], hold_s=0.5)  # blocks writes only
     result = load.result
     assert result.errors() == 0 and len(result.ops) > 10

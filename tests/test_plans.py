@@ -25,9 +25,11 @@ def engine():
 def conn(engine):
     """A connection with a temporary table of planted data (gone when the connection closes)."""
     with engine.connect() as c:
-        c.execute(text("""
+        c.execute(
+            text("""
             CREATE TEMP TABLE planted AS
-            SELECT g AS id, g % 100 AS b, g % 100 AS c FROM generate_series(1, 20000) AS g"""))
+            SELECT g AS id, g % 100 AS b, g % 100 AS c FROM generate_series(1, 20000) AS g""")
+        )
         c.execute(text("ANALYZE planted"))
         yield c
         c.rollback()
@@ -39,35 +41,70 @@ def _sum_exclusive(plan) -> float:
 
 # ----------------------------------------------------------------------------- pure JSON parsing
 def test_misestimate_factor_sign():
-    assert misestimate_factor(1000, 10) == 100          # under-estimated: more rows came than planned
-    assert misestimate_factor(10, 1000) == -100         # over-estimated
+    assert misestimate_factor(1000, 10) == 100  # under-estimated: more rows came than planned
+    assert misestimate_factor(10, 1000) == -100  # over-estimated
     assert misestimate_factor(5, 5) == 1
-    assert misestimate_factor(0, 1) == 1                # zero rows counts as one, like PEV2
+    assert misestimate_factor(0, 1) == 1  # zero rows counts as one, like PEV2
     assert misestimate_factor(None, 3) is None
 
 
-PG15_STYLE = [{
-    "Plan": {"Node Type": "Nested Loop", "Join Type": "Inner", "Startup Cost": 10000000000.0, "Total Cost": 10000000123.0,
-             "Plan Rows": 10, "Actual Total Time": 5.0, "Actual Rows": 1000, "Actual Loops": 1,
-             "Shared Hit Blocks": 7, "Shared Read Blocks": 3,
-             "Plans": [
-                 {"Node Type": "Seq Scan", "Parent Relationship": "Outer", "Relation Name": "a", "Alias": "a",
-                  "Startup Cost": 0.0, "Total Cost": 1.0, "Plan Rows": 10, "Actual Total Time": 1.0,
-                  "Actual Rows": 10, "Actual Loops": 1, "Filter": "(x > 1)", "Rows Removed by Filter": 5},
-                 {"Node Type": "Index Scan", "Parent Relationship": "Inner", "Relation Name": "b", "Alias": "b",
-                  "Index Name": "b_pkey", "Scan Direction": "Forward", "Startup Cost": 0.0, "Total Cost": 2.0,
-                  "Plan Rows": 1, "Actual Total Time": 0.3, "Actual Rows": 100, "Actual Loops": 10,
-                  "Index Cond": "(id = a.id)"},
-             ]},
-    "Planning Time": 0.1, "Triggers": [], "Execution Time": 5.1,
-}]
+PG15_STYLE = [
+    {
+        "Plan": {
+            "Node Type": "Nested Loop",
+            "Join Type": "Inner",
+            "Startup Cost": 10000000000.0,
+            "Total Cost": 10000000123.0,
+            "Plan Rows": 10,
+            "Actual Total Time": 5.0,
+            "Actual Rows": 1000,
+            "Actual Loops": 1,
+            "Shared Hit Blocks": 7,
+            "Shared Read Blocks": 3,
+            "Plans": [
+                {
+                    "Node Type": "Seq Scan",
+                    "Parent Relationship": "Outer",
+                    "Relation Name": "a",
+                    "Alias": "a",
+                    "Startup Cost": 0.0,
+                    "Total Cost": 1.0,
+                    "Plan Rows": 10,
+                    "Actual Total Time": 1.0,
+                    "Actual Rows": 10,
+                    "Actual Loops": 1,
+                    "Filter": "(x > 1)",
+                    "Rows Removed by Filter": 5,
+                },
+                {
+                    "Node Type": "Index Scan",
+                    "Parent Relationship": "Inner",
+                    "Relation Name": "b",
+                    "Alias": "b",
+                    "Index Name": "b_pkey",
+                    "Scan Direction": "Forward",
+                    "Startup Cost": 0.0,
+                    "Total Cost": 2.0,
+                    "Plan Rows": 1,
+                    "Actual Total Time": 0.3,
+                    "Actual Rows": 100,
+                    "Actual Loops": 10,
+                    "Index Cond": "(id = a.id)",
+                },
+            ],
+        },
+        "Planning Time": 0.1,
+        "Triggers": [],
+        "Execution Time": 5.1,
+    }
+]
 
 
 def test_pg15_style_json_disable_cost_and_loops():
     p = from_json(PG15_STYLE)
     n = p.nodes.set_index("id")
-    assert bool(n.loc[0, "disabled"]) and not bool(n.loc[1, "disabled"])   # 1e10 startup cost = disabled path
-    assert n.loc[2, "inclusive_ms"] == pytest.approx(3.0)                  # 0.3 ms x 10 loops
+    assert bool(n.loc[0, "disabled"]) and not bool(n.loc[1, "disabled"])  # 1e10 startup cost = disabled path
+    assert n.loc[2, "inclusive_ms"] == pytest.approx(3.0)  # 0.3 ms x 10 loops
     assert n.loc[0, "exclusive_ms"] == pytest.approx(5.0 - 1.0 - 3.0)
     assert n.loc[2, "actual_rows_total"] == 1000 and n.loc[2, "misestimate"] == 100
     assert n.loc[1, "rows_removed_by_filter"] == 5
@@ -75,9 +112,24 @@ def test_pg15_style_json_disable_cost_and_loops():
 
 
 def test_pg18_style_fractional_rows_and_disabled_flag():
-    doc = [{"Plan": {"Node Type": "Seq Scan", "Relation Name": "t", "Alias": "t", "Startup Cost": 0.0,
-                     "Total Cost": 35.5, "Plan Rows": 2, "Actual Total Time": 0.5, "Actual Rows": 0.5,
-                     "Actual Loops": 4, "Disabled": True}, "Planning Time": 0.1, "Execution Time": 2.1}]
+    doc = [
+        {
+            "Plan": {
+                "Node Type": "Seq Scan",
+                "Relation Name": "t",
+                "Alias": "t",
+                "Startup Cost": 0.0,
+                "Total Cost": 35.5,
+                "Plan Rows": 2,
+                "Actual Total Time": 0.5,
+                "Actual Rows": 0.5,
+                "Actual Loops": 4,
+                "Disabled": True,
+            },
+            "Planning Time": 0.1,
+            "Execution Time": 2.1,
+        }
+    ]
     r = from_json(doc).nodes.iloc[0]
     assert bool(r["disabled"]) and r["actual_rows_total"] == 2.0 and r["inclusive_ms"] == pytest.approx(2.0)
 
@@ -85,8 +137,10 @@ def test_pg18_style_fractional_rows_and_disabled_flag():
 # ----------------------------------------------------------------------------- on the server
 def test_exclusive_times_add_up_to_execution_time(engine):
     """A non-parallel query of at least 50 ms: exclusive times sum to the execution time within 10 %."""
-    sql = ("SELECT c.user_id, count(*), sum(length(c.body)) FROM comments c JOIN posts p ON p.id = c.post_id "
-           "CROSS JOIN generate_series(1, :k) AS k WHERE p.published GROUP BY c.user_id ORDER BY 2 DESC")
+    sql = (
+        "SELECT c.user_id, count(*), sum(length(c.body)) FROM comments c JOIN posts p ON p.id = c.post_id "
+        "CROSS JOIN generate_series(1, :k) AS k WHERE p.published GROUP BY c.user_id ORDER BY 2 DESC"
+    )
     k, plan = 1, None
     while k <= 64:
         plan = explain(sql, {"k": k}, engine=engine, settings=NO_PARALLEL)
@@ -116,10 +170,18 @@ def test_planted_misestimates_have_the_right_sign(conn):
 
 
 def test_parallel_plan_parses_without_negative_exclusive_times(engine):
-    force_parallel = {"parallel_setup_cost": "0", "parallel_tuple_cost": "0", "min_parallel_table_scan_size": "0",
-                      "max_parallel_workers_per_gather": "2"}
-    plan = explain("SELECT post_id, count(*) FROM comments WHERE body LIKE :p GROUP BY post_id",
-                   {"p": "%nice%"}, engine=engine, settings=force_parallel)
+    force_parallel = {
+        "parallel_setup_cost": "0",
+        "parallel_tuple_cost": "0",
+        "min_parallel_table_scan_size": "0",
+        "max_parallel_workers_per_gather": "2",
+    }
+    plan = explain(
+        "SELECT post_id, count(*) FROM comments WHERE body LIKE :p GROUP BY post_id",
+        {"p": "%nice%"},
+        engine=engine,
+        settings=force_parallel,
+    )
     assert plan.has("Gather") or plan.has("Gather Merge")
     nodes = plan.nodes
     assert nodes["parallel"].any()
@@ -165,7 +227,7 @@ def test_explaining_dml_changes_nothing(engine):
 
 def test_explain_on_a_connection_rolls_back_to_a_savepoint(conn):
     explain("DELETE FROM planted WHERE b = 1", engine=conn)
-    assert conn.execute(text("SELECT count(*) FROM planted")).scalar() == 20000   # the temp table saw no delete
+    assert conn.execute(text("SELECT count(*) FROM planted")).scalar() == 20000  # the temp table saw no delete
 
 
 def test_orm_statement_with_bound_and_expanding_parameters(engine):
@@ -179,21 +241,23 @@ def test_orm_statement_with_bound_and_expanding_parameters(engine):
 def test_plain_explain_without_analyze(engine):
     plan = explain("SELECT * FROM comments WHERE user_id = :u", {"u": 7}, analyze=False, buffers=False, engine=engine)
     assert not plan.analyzed and plan.execution_ms is None
-    assert plan.node_types == ["Seq Scan"]                       # comments.user_id is unindexed on purpose
+    assert plan.node_types == ["Seq Scan"]  # comments.user_id is unindexed on purpose
     assert plan.nodes["exclusive_ms"].isna().all()
-    assert plan.summary()["shared_hit"] == 0 and plan.shared_blocks == 0   # no BUFFERS asked for
+    assert plan.summary()["shared_hit"] == 0 and plan.shared_blocks == 0  # no BUFFERS asked for
     assert "Seq Scan on comments" in plan.text and "Execution Time" not in plan.text
 
 
 def test_repeat_and_compare(engine):
-    before = explain("SELECT count(*) FROM comments WHERE user_id = :u", {"u": 7}, engine=engine,
-                     settings=NO_PARALLEL, repeat=3)
-    after = explain("SELECT count(*) FROM comments WHERE post_id = :p", {"p": 7}, engine=engine,
-                    settings=NO_PARALLEL, repeat=3)
+    before = explain(
+        "SELECT count(*) FROM comments WHERE user_id = :u", {"u": 7}, engine=engine, settings=NO_PARALLEL, repeat=3
+    )
+    after = explain(
+        "SELECT count(*) FROM comments WHERE post_id = :p", {"p": 7}, engine=engine, settings=NO_PARALLEL, repeat=3
+    )
     assert len(before.runs_ms) == 3 and before.median_ms > 0
     cmp = compare(before, after)
     assert cmp.speedup == pytest.approx(before.median_ms / after.median_ms)
-    assert cmp.speedup > 2                                        # index on post_id vs a full scan
+    assert cmp.speedup > 2  # index on post_id vs a full scan
     assert list(cmp.df["plan"]) == ["before", "after"]
     html = cmp._repr_html_()
     assert "speed-up" in html and "Seq Scan on comments" in html
@@ -224,10 +288,16 @@ def test_engine_default_is_the_shared_engine(engine):
 def test_percent_signs_and_text_parameters(engine):
     """A literal % reaches the server as %, with and without bound parameters, and reads back with values in."""
     bare = explain("SELECT count(*) FROM comments WHERE body LIKE '%nice post%'", engine=engine, settings=NO_PARALLEL)
-    bound = explain("SELECT count(*) FROM comments WHERE body LIKE '%nice post%' AND id > :x", {"x": 10},
-                    engine=engine, settings=NO_PARALLEL)
+    bound = explain(
+        "SELECT count(*) FROM comments WHERE body LIKE '%nice post%' AND id > :x",
+        {"x": 10},
+        engine=engine,
+        settings=NO_PARALLEL,
+    )
     assert bare.find("Seq Scan").iloc[0]["actual_rows_total"] == 60000 * _ci_fraction(engine)
-    assert bound.find("Seq Scan").iloc[0]["actual_rows_total"] == bare.find("Seq Scan").iloc[0]["actual_rows_total"] - 10
+    assert (
+        bound.find("Seq Scan").iloc[0]["actual_rows_total"] == bare.find("Seq Scan").iloc[0]["actual_rows_total"] - 10
+    )
     assert "'%nice post%'" in bare.sql and "'%nice post%'" in bound.sql and "id > 10" in bound.sql
 
 

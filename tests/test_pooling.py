@@ -169,19 +169,33 @@ def test_run_threads_counts_tasks_and_busy_connections_fit_the_pool():
 
 def test_connection_budget_arithmetic(engine):
     b = connection_budget(engine)
-    assert b["for_applications"] == b["max_connections"] - b["superuser_reserved_connections"] - b["reserved_connections"]
+    assert (
+        b["for_applications"] == b["max_connections"] - b["superuser_reserved_connections"] - b["reserved_connections"]
+    )
     assert 1 <= b["client_backends_now"] <= b["max_connections"]
 
 
 def test_throwaway_demo_refuses_a_state_folder_that_is_not_its_own(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "WORKBOOK_STATE"}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    res = subprocess.run([sys.executable, "-c", _THROWAWAY, "6", "3"], env=env, cwd=str(REPO_ROOT),
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", _THROWAWAY, "6", "3"],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0 and "refusing to run" in res.stderr
     env["WORKBOOK_STATE"] = str(tmp_path)  # not named wb-pool-*: refused too
-    res = subprocess.run([sys.executable, "-c", _THROWAWAY, "6", "3"], env=env, cwd=str(REPO_ROOT),
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", _THROWAWAY, "6", "3"],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0 and "refusing to run" in res.stderr
 
 
@@ -272,6 +286,7 @@ def test_pgbouncer_stop_leaves_nothing(engine):
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(host="127.0.0.1", port=port, user="x", dbname="x", connect_timeout=2)
     with engine.connect() as conn:
-        n = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :a"),
-                         {"a": f"{APP}_stop"}).scalar_one()
+        n = conn.execute(
+            text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :a"), {"a": f"{APP}_stop"}
+        ).scalar_one()
     assert n == 0

@@ -36,7 +36,9 @@ def scratch(engine):
 
 def _items(scratch) -> list[tuple]:
     with scratch.connect() as conn:
-        return [tuple(r) for r in conn.execute(select(bulk.Item.id, bulk.Item.name, bulk.Item.value).order_by(bulk.Item.id))]
+        return [
+            tuple(r) for r in conn.execute(select(bulk.Item.id, bulk.Item.name, bulk.Item.value).order_by(bulk.Item.id))
+        ]
 
 
 # ----------------------------------------------------------------------------- the report
@@ -155,7 +157,9 @@ def test_generic_plan_defeats_the_index_for_an_optional_filter(engine):
                 pc.execute("SELECT set_config('plan_cache_mode', %s, true)", (mode,))
                 plans[mode] = "\n".join(r[0] for r in pc.execute("EXPLAIN EXECUTE wb_optional(1500)"))
     assert "ix_orders_user_id" in plans["force_custom_plan"]
-    assert plans["force_generic_plan"].startswith("Seq Scan on orders") and "ix_orders" not in plans["force_generic_plan"]
+    assert (
+        plans["force_generic_plan"].startswith("Seq Scan on orders") and "ix_orders" not in plans["force_generic_plan"]
+    )
 
 
 def test_gin_index_serves_containment_not_extraction(scratch):

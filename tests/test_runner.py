@@ -11,8 +11,11 @@ def test_run_stops_at_failure_and_names_the_cell(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORKBOOK_OUTPUT", str(tmp_path / "out"))
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell("# demo"), nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell("assert x == 2, 'the lesson stopped being true'")]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# demo"),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("assert x == 2, 'the lesson stopped being true'"),
+    ]
     bad = tmp_path / "98_bad.ipynb"
     never = tmp_path / "99_never.ipynb"
     nbformat.write(nb, bad)

@@ -64,14 +64,19 @@ def test_seeded_schema_equals_models(scratch_db, engine):
 
 def test_data_is_realistic(engine):
     with engine.connect() as c:
-        top_share = c.execute(text("""
-            SELECT max(n)::float / sum(n) FROM (SELECT count(*) AS n FROM posts GROUP BY user_id) s""")).scalar()
+        top_share = c.execute(
+            text("""
+            SELECT max(n)::float / sum(n) FROM (SELECT count(*) AS n FROM posts GROUP BY user_id) s""")
+        ).scalar()
         deleted = c.execute(text("SELECT avg((deleted_at IS NOT NULL)::int) FROM posts")).scalar()
-        regions_per_country = c.execute(text(
-            "SELECT max(k) FROM (SELECT count(DISTINCT region) k FROM users GROUP BY country) s")).scalar()
-        unindexed = c.execute(text("""
+        regions_per_country = c.execute(
+            text("SELECT max(k) FROM (SELECT count(DISTINCT region) k FROM users GROUP BY country) s")
+        ).scalar()
+        unindexed = c.execute(
+            text("""
             SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-            WHERE i.indrelid = 'comments'::regclass AND a.attname = 'user_id'""")).scalar()
+            WHERE i.indrelid = 'comments'::regclass AND a.attname = 'user_id'""")
+        ).scalar()
     assert top_share > 0.01, "a few users must own many posts"
     assert 0.02 < deleted < 0.1, "some posts are soft-deleted"
     assert regions_per_country == 1, "country determines region (the correlated pair)"

@@ -23,8 +23,9 @@ def _connect(env, dbname="workbook"):
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
-    return psycopg.connect(host=u.host, port=u.port, user=u.username, password=u.password, dbname=dbname,
-                           connect_timeout=5)
+    return psycopg.connect(
+        host=u.host, port=u.port, user=u.username, password=u.password, dbname=dbname, connect_timeout=5
+    )
 
 
 def test_start_is_idempotent_and_stop(state_dir):

@@ -20,21 +20,44 @@ def schema():
 
 def table(schema: str, name: str, rows: str = "(1, 10), (2, 20)"):
     t = f"{schema}.{name}"
-    return t, [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY, v int)",
-               f"INSERT INTO {t} VALUES {rows}"], [f"DROP TABLE IF EXISTS {t}"]
+    return (
+        t,
+        [
+            f"DROP TABLE IF EXISTS {t}",
+            f"CREATE TABLE {t} (id int PRIMARY KEY, v int)",
+            f"INSERT INTO {t} VALUES {rows}",
+        ],
+        [f"DROP TABLE IF EXISTS {t}"],
+    )
 
 
 def lost_update(schema: str, isolation: str | None = None) -> Scenario:
     t, up, down = table(schema, "t_lost")
     extra = {"isolation": isolation} if isolation else {}
     return Scenario(
-        name="t_lost", setup=up, teardown=down,
+        name="t_lost",
+        setup=up,
+        teardown=down,
         sessions={
-            "T1": {**extra, "steps": {"b1": "BEGIN", "r1": f"SELECT v FROM {t} WHERE id = 1",
-                                      "w1": f"UPDATE {t} SET v = 11 WHERE id = 1", "c1": "COMMIT"}},
-            "T2": {**extra, "steps": {"b2": "BEGIN", "r2": f"SELECT v FROM {t} WHERE id = 1",
-                                      "w2": (f"UPDATE {t} SET v = %(v)s WHERE id = 1", {"v": 12}), "c2": "COMMIT",
-                                      "f2": f"SELECT v FROM {t} WHERE id = 1"}},
+            "T1": {
+                **extra,
+                "steps": {
+                    "b1": "BEGIN",
+                    "r1": f"SELECT v FROM {t} WHERE id = 1",
+                    "w1": f"UPDATE {t} SET v = 11 WHERE id = 1",
+                    "c1": "COMMIT",
+                },
+            },
+            "T2": {
+                **extra,
+                "steps": {
+                    "b2": "BEGIN",
+                    "r2": f"SELECT v FROM {t} WHERE id = 1",
+                    "w2": (f"UPDATE {t} SET v = %(v)s WHERE id = 1", {"v": 12}),
+                    "c2": "COMMIT",
+                    "f2": f"SELECT v FROM {t} WHERE id = 1",
+                },
+            },
         },
     )
 
@@ -50,9 +73,19 @@ def test_blocked_step_is_detected_and_collected_after_its_release(schema):
     df = tr.df.set_index("step")
     assert df.loc["w2", "finished_after"] == "c1"
     assert df.loc["w2", "order"] == df.loc["c1", "order"] + 1  # collected right after its release
-    assert tr.sqlstate("w2") is None and tr.value("f2") == 12   # read committed: T2 overwrote T1
-    assert list(tr.df.columns[:10]) == ["order", "session", "step", "sql", "rows", "error", "sqlstate", "waited",
-                                        "blocked_by", "finished_after"]
+    assert tr.sqlstate("w2") is None and tr.value("f2") == 12  # read committed: T2 overwrote T1
+    assert list(tr.df.columns[:10]) == [
+        "order",
+        "session",
+        "step",
+        "sql",
+        "rows",
+        "error",
+        "sqlstate",
+        "waited",
+        "blocked_by",
+        "finished_after",
+    ]
     assert "blocked by T1" in repr(tr) and "<table>" in tr._repr_html_()
 
 
@@ -62,34 +95,67 @@ def test_isolation_level_per_session_and_serialization_failure(schema):
     assert tr.rows("c2") is None and tr.df.set_index("step").loc["c2", "status"] == "ROLLBACK"
     assert tr.value("f2") == 11
     t, up, down = table(schema, "t_iso")
-    tr = Scenario("t_iso", up, down, {"S": {"isolation": "serializable",
-                                            "steps": {"s": "SHOW transaction_isolation"}}}).run()
+    tr = Scenario(
+        "t_iso", up, down, {"S": {"isolation": "serializable", "steps": {"s": "SHOW transaction_isolation"}}}
+    ).run()
     assert tr.value("s") == "serializable"
 
 
 def test_deadlock_gives_40P01_to_exactly_one_session(schema):
     t, up, down = table(schema, "t_dead")
-    sc = Scenario("t_dead", up, down, {
-        "A": {"steps": {"a0": "BEGIN", "a1": f"UPDATE {t} SET v = v + 1 WHERE id = 1",
-                        "a2": f"UPDATE {t} SET v = v + 1 WHERE id = 2", "a3": "COMMIT"}},
-        "B": {"steps": {"b0": "BEGIN", "b1": f"UPDATE {t} SET v = v + 1 WHERE id = 2",
-                        "b2": f"UPDATE {t} SET v = v + 1 WHERE id = 1", "b3": "COMMIT"}},
-    })
+    sc = Scenario(
+        "t_dead",
+        up,
+        down,
+        {
+            "A": {
+                "steps": {
+                    "a0": "BEGIN",
+                    "a1": f"UPDATE {t} SET v = v + 1 WHERE id = 1",
+                    "a2": f"UPDATE {t} SET v = v + 1 WHERE id = 2",
+                    "a3": "COMMIT",
+                }
+            },
+            "B": {
+                "steps": {
+                    "b0": "BEGIN",
+                    "b1": f"UPDATE {t} SET v = v + 1 WHERE id = 2",
+                    "b2": f"UPDATE {t} SET v = v + 1 WHERE id = 1",
+                    "b3": "COMMIT",
+                }
+            },
+        },
+    )
     runs = [sc.run(["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3"]) for _ in range(3)]
     tr = runs[0]
     states = [tr.sqlstate("a2"), tr.sqlstate("b2")]
     assert sorted(states, key=str) == ["40P01", None]
     assert tr.waited("a2") and tr.waited("b2")
-    assert all(r.signature() == tr.signature() for r in runs[1:])   # the same victim every time
+    assert all(r.signature() == tr.signature() for r in runs[1:])  # the same victim every time
 
 
 def test_errors_keep_their_sqlstate_and_later_steps_still_run(schema):
     t, up, down = table(schema, "t_err", "(1, 0)")
-    sc = Scenario("t_err", up, down, {
-        "A": {"steps": {"a0": "BEGIN", "a1": f"SELECT v FROM {t} FOR UPDATE", "a2": "SELEC 1", "a3": "SELECT 1",
-                        "a4": "ROLLBACK", "a5": "SELECT pg_sleep(3)"}},
-        "B": {"steps": {"b0": "BEGIN", "b1": f"SELECT v FROM {t} FOR UPDATE NOWAIT", "b2": "ROLLBACK"}},
-    }, lock_timeout="1s", statement_timeout="1500ms")
+    sc = Scenario(
+        "t_err",
+        up,
+        down,
+        {
+            "A": {
+                "steps": {
+                    "a0": "BEGIN",
+                    "a1": f"SELECT v FROM {t} FOR UPDATE",
+                    "a2": "SELEC 1",
+                    "a3": "SELECT 1",
+                    "a4": "ROLLBACK",
+                    "a5": "SELECT pg_sleep(3)",
+                }
+            },
+            "B": {"steps": {"b0": "BEGIN", "b1": f"SELECT v FROM {t} FOR UPDATE NOWAIT", "b2": "ROLLBACK"}},
+        },
+        lock_timeout="1s",
+        statement_timeout="1500ms",
+    )
     tr = sc.run(["a0", "a1", "b0", "b1", "b2", "a2", "a3", "a4", "a5"])
     assert [tr.sqlstate(s) for s in ["b1", "a2", "a3", "a4", "a5"]] == ["55P03", "42601", "25P02", None, "57014"]
     assert not tr.waited("b1")
@@ -97,10 +163,16 @@ def test_errors_keep_their_sqlstate_and_later_steps_still_run(schema):
 
 def test_lock_timeout_bounds_a_wait_left_at_the_end(schema):
     t, up, down = table(schema, "t_end", "(1, 0)")
-    sc = Scenario("t_end", up, down, {
-        "A": {"steps": {"a0": "BEGIN", "a1": f"UPDATE {t} SET v = 1"}},
-        "B": {"steps": {"b1": f"UPDATE {t} SET v = 2", "b2": "SELECT 1"}},
-    }, lock_timeout="500ms")
+    sc = Scenario(
+        "t_end",
+        up,
+        down,
+        {
+            "A": {"steps": {"a0": "BEGIN", "a1": f"UPDATE {t} SET v = 1"}},
+            "B": {"steps": {"b1": f"UPDATE {t} SET v = 2", "b2": "SELECT 1"}},
+        },
+        lock_timeout="500ms",
+    )
     tr = sc.run(["a0", "a1", "b1", "b2"])  # b2 waits for b1, which only the timeout ends
     assert tr.waited("b1") and tr.sqlstate("b1") == "55P03"
     assert tr.df.set_index("step").loc["b1", "finished_after"] is None
@@ -118,20 +190,29 @@ def test_bad_scenarios_are_refused():
 
 def leftovers(engine, sc: Scenario) -> tuple[int, int]:
     with engine.connect() as conn:
-        act = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"),
-                           {"p": f"wb_scenario_{sc.name}_%"}).scalar()
-        lk = conn.execute(text("SELECT count(*) FROM pg_locks WHERE pid = ANY(:pids)"),
-                          {"pids": list(sc.pids.values())}).scalar()
+        act = conn.execute(
+            text("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"),
+            {"p": f"wb_scenario_{sc.name}_%"},
+        ).scalar()
+        lk = conn.execute(
+            text("SELECT count(*) FROM pg_locks WHERE pid = ANY(:pids)"), {"pids": list(sc.pids.values())}
+        ).scalar()
     return act, lk
 
 
 def test_no_connection_transaction_or_lock_remains(schema):
     engine = setup(quiet=True)
     t, up, down = table(schema, "t_left", "(1, 0)")
-    sc = Scenario("t_left", up, down, {
-        "A": {"steps": {"a0": "BEGIN", "a1": f"LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"}},   # never committed
-        "B": {"steps": {"b0": "BEGIN", "b1": f"SELECT * FROM {t}"}},                          # blocked at the end
-    }, lock_timeout="300ms")
+    sc = Scenario(
+        "t_left",
+        up,
+        down,
+        {
+            "A": {"steps": {"a0": "BEGIN", "a1": f"LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"}},  # never committed
+            "B": {"steps": {"b0": "BEGIN", "b1": f"SELECT * FROM {t}"}},  # blocked at the end
+        },
+        lock_timeout="300ms",
+    )
     tr = sc.run(["a0", "a1", "b0", "b1"])
     assert tr.waited("b1") and tr.sqlstate("b1") == "55P03"
     assert len(sc.pids) == 2 and leftovers(engine, sc) == (0, 0)
@@ -145,15 +226,38 @@ def test_no_connection_transaction_or_lock_remains(schema):
 
 def test_same_scenario_same_transcript_20_times_with_the_other_core_busy(schema):
     t, up, down = table(schema, "t_det", "(1, 0), (2, 0)")
-    sc = Scenario("t_det", up, down, {
-        "T1": {"steps": {"b1": "BEGIN", "u1": f"UPDATE {t} SET v = v + 1 WHERE id = 1",
-                         "s1": f"SELECT id, v FROM {t} WHERE id = 2 FOR SHARE", "c1": "COMMIT"}},
-        "T2": {"steps": {"b2": "BEGIN", "u2": f"UPDATE {t} SET v = v + 10 WHERE id = 1",
-                         "c2": "COMMIT", "r2": f"SELECT sum(v) FROM {t}"}},
-        "T3": {"isolation": "repeatable read",
-               "steps": {"b3": "BEGIN", "r3": f"SELECT v FROM {t} WHERE id = 1",
-                         "u3": f"UPDATE {t} SET v = v + 100 WHERE id = 2", "c3": "COMMIT"}},
-    })
+    sc = Scenario(
+        "t_det",
+        up,
+        down,
+        {
+            "T1": {
+                "steps": {
+                    "b1": "BEGIN",
+                    "u1": f"UPDATE {t} SET v = v + 1 WHERE id = 1",
+                    "s1": f"SELECT id, v FROM {t} WHERE id = 2 FOR SHARE",
+                    "c1": "COMMIT",
+                }
+            },
+            "T2": {
+                "steps": {
+                    "b2": "BEGIN",
+                    "u2": f"UPDATE {t} SET v = v + 10 WHERE id = 1",
+                    "c2": "COMMIT",
+                    "r2": f"SELECT sum(v) FROM {t}",
+                }
+            },
+            "T3": {
+                "isolation": "repeatable read",
+                "steps": {
+                    "b3": "BEGIN",
+                    "r3": f"SELECT v FROM {t} WHERE id = 1",
+                    "u3": f"UPDATE {t} SET v = v + 100 WHERE id = 2",
+                    "c3": "COMMIT",
+                },
+            },
+        },
+    )
     perm = ["b1", "b2", "b3", "r3", "u1", "u2", "s1", "u3", "c1", "c2", "c3", "r2"]
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -28,7 +28,8 @@ def upgrade() -> None:
             bind.exec_driver_sql("ALTER TABLE comments VALIDATE CONSTRAINT comments_score_not_null")
         else:
             bind.exec_driver_sql(
-                "ALTER TABLE comments ADD CONSTRAINT comments_score_not_null CHECK (score IS NOT NULL) NOT VALID")
+                "ALTER TABLE comments ADD CONSTRAINT comments_score_not_null CHECK (score IS NOT NULL) NOT VALID"
+            )
             bind.exec_driver_sql("ALTER TABLE comments VALIDATE CONSTRAINT comments_score_not_null")
             bind.exec_driver_sql("ALTER TABLE comments ALTER COLUMN score SET NOT NULL")  # no scan: the check proves it
             bind.exec_driver_sql("ALTER TABLE comments DROP CONSTRAINT comments_score_not_null")

@@ -21,8 +21,7 @@ depends_on = None
 def upgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '2s'")
     op.add_column("posts", sa.Column("editor_id", sa.Integer(), nullable=True))
-    op.create_foreign_key("posts_editor_id_fkey", "posts", "users", ["editor_id"], ["id"],
-                          postgresql_not_valid=True)
+    op.create_foreign_key("posts_editor_id_fkey", "posts", "users", ["editor_id"], ["id"], postgresql_not_valid=True)
 
 
 def downgrade() -> None:

@@ -38,8 +38,10 @@ def upgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '2s'")
     op.add_column("users", sa.Column("full_name", sa.String(100), nullable=True))
     op.execute(SYNC_FUNCTION)
-    op.execute("CREATE TRIGGER users_sync_full_name BEFORE INSERT OR UPDATE ON users "
-               "FOR EACH ROW EXECUTE FUNCTION users_sync_full_name()")
+    op.execute(
+        "CREATE TRIGGER users_sync_full_name BEFORE INSERT OR UPDATE ON users "
+        "FOR EACH ROW EXECUTE FUNCTION users_sync_full_name()"
+    )
     with op.get_context().autocommit_block():
         bind = op.get_bind()
         while bind.exec_driver_sql(

@@ -49,5 +49,7 @@ def downgrade() -> None:
     op.alter_column("users", "name", existing_type=sa.String(100), nullable=False)
     op.alter_column("users", "full_name", existing_type=sa.String(100), nullable=True)
     op.execute(SYNC_FUNCTION)
-    op.execute("CREATE TRIGGER users_sync_full_name BEFORE INSERT OR UPDATE ON users "
-               "FOR EACH ROW EXECUTE FUNCTION users_sync_full_name()")
+    op.execute(
+        "CREATE TRIGGER users_sync_full_name BEFORE INSERT OR UPDATE ON users "
+        "FOR EACH ROW EXECUTE FUNCTION users_sync_full_name()"
+    )
