@@ -72,6 +72,9 @@ lock: venv
 	{ echo "# The exact, tested set that make and CI install. Regenerate with \`make lock\` after editing requirements.in."; \
 	  $(PY) -m pip list --format=freeze --exclude-editable --exclude pip; } > requirements.lock
 	$(PY) -m helpers lock-env
+	@# every pin must install on the oldest Python we support (3.11.0), not just on this one
+	grep -v '^#' requirements.lock > $(VENV)/lock-check.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11.0 -d $(VENV)/lock-check -r $(VENV)/lock-check.txt
 
 clean:
 	rm -rf output .pytest_cache .ruff_cache
