@@ -80,7 +80,8 @@ def lines(
     for name, part in df.groupby(hue, sort=False):
         part = part.sort_values(x)
         ax.plot(part[x], part[y], marker=marker, label=str(name))
-    ax.legend(title=legend_title or hue)
+    # outside the axes: never on top of a line, whatever the data looks like
+    ax.legend(title=legend_title or hue, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 
