@@ -401,6 +401,7 @@ try:
         c.execute("CREATE ROLE wb_pool_app LOGIN PASSWORD 'app'")
     server.stop()
     info = server.start()
+    su["port"] = info.port  # the restart may have moved the server to another port
     app = dict(su, user="wb_pool_app", password="app")
     held, events = [], []
     for who, kw in (("application role", app), ("superuser", su)):

@@ -262,7 +262,10 @@ def _recover_from_crash(p: Paths) -> None:
 
 
 def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:port (connections in TIME_WAIT, e.g. after a restart,
+    do not count: PostgreSQL binds with SO_REUSEADDR too, so the recorded port stays the same)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
