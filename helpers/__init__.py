@@ -19,6 +19,7 @@ _LAZY = {
     "count_queries": "helpers.counting",
     "clone_database": "helpers.database",
     "drop_database": "helpers.database",
+    "empty_database": "helpers.database",
     "get_engine": "helpers.database",
     "is_embedded": "helpers.database",
     "make_engine": "helpers.database",
@@ -102,21 +103,14 @@ def where() -> dict:
 
 def setup(scale: str | None = None, *, quiet: bool = False):
     """First cell of every notebook: server up, data seeded if needed, one line saying where; returns the engine."""
-    from sqlalchemy import text
-
-    from .database import get_engine
+    from .database import get_engine, try_create_extension
     from .seed import ensure_seeded
 
     s = settings()
     scale = scale or s.scale
     engine = get_engine()
     seeded_now = ensure_seeded(engine, scale, progress=not quiet)
-    with engine.begin() as conn:
-        try:
-            with conn.begin_nested():
-                conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
-        except Exception:  # noqa: BLE001 - not superuser on a shared server: chapters check and explain
-            pass
+    try_create_extension(engine, "pg_stat_statements")  # not allowed on a shared server: chapters check
     if not quiet:
         w = where()
         state = "seeded just now" if seeded_now else "already seeded"
@@ -137,6 +131,7 @@ __all__ = [
     "assert_max_queries",
     "blocking",
     "clone_database",
+    "empty_database",
     "drop_database",
     "compare",
     "count_queries",

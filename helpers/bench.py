@@ -16,18 +16,15 @@ import psycopg
 from psycopg import sql
 
 from . import server
-from .database import CLONE_COMMENT, _libpq_kwargs, database_url, drop_database, is_embedded
+from .database import _libpq_kwargs, database_url, drop_database, empty_database, is_embedded
 from .seed import SCALES
 
 
 def _fresh_db(suffix: str) -> str:
-    base = database_url()
-    drop_database(suffix)
-    name = f"{base.database}_{suffix}"
-    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
-    return name
+    """An empty database of the benchmark's own; returns its name."""
+    engine = empty_database(suffix)
+    engine.dispose()
+    return engine.url.database
 
 
 def expected_rows(scale: str) -> int:

@@ -193,7 +193,7 @@ def _new_database(admin, name: str, source: str | None) -> bool:
     """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied."""
     copied = bool(source) and _copy_database(admin, name, source)
     if not copied:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
     return copied
 
@@ -262,6 +262,31 @@ def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
 
 
 _CLONE_LOCK = 0x514F5743
+
+
+def empty_database(suffix: str, **engine_kw) -> Engine:
+    """A new, EMPTY database ``<workbook db>_<suffix>`` of the workbook's own (re-created on each call).
+
+    For migration tests, test runs and benchmarks; ``drop_database(suffix)`` removes it.
+    """
+    base = database_url()
+    name = f"{base.database}_{suffix}"
+    drop_database(suffix)
+    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as admin:
+        _new_database(admin, name, None)
+    return create_engine(base.set(database=name), **engine_kw)
+
+
+def try_create_extension(engine: Engine, name: str) -> bool:
+    """``CREATE EXTENSION IF NOT EXISTS name``; False (nothing raised) when this role may not."""
+
+    with engine.begin() as conn:
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(f'CREATE EXTENSION IF NOT EXISTS "{name}"')
+            return True
+        except Exception:  # noqa: BLE001 - not superuser on a shared server: chapters check and explain
+            return False
 
 
 def drop_database(suffix: str) -> bool:

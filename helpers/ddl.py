@@ -529,19 +529,3 @@ def alembic_config(engine: Engine):
     cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))
     cfg.attributes["url"] = engine.url.render_as_string(hide_password=False)
     return cfg
-
-
-def empty_database(suffix: str = "migtest") -> Engine:
-    """A new EMPTY database ``<workbook db>_<suffix>`` (dropped by ``drop_database(suffix)``), for migration tests."""
-    from psycopg import sql
-    from sqlalchemy import create_engine
-
-    from .database import CLONE_COMMENT, database_url, drop_database
-
-    drop_database(suffix)
-    base = database_url()
-    name = f"{base.database}_{suffix}"
-    with psycopg.connect(**psycopg_conninfo("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
-    return create_engine(base.set(database=name))

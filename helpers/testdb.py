@@ -1,39 +1,28 @@
 """Databases of a chapter's (or a test run's) own that never depend on who else is connected.
 
 ``schema_database`` is the test database per run: the workbook schema, no rows. ``copied_database``
-adds a COPY of chosen seeded rows: the same rows every time, in about a second, where
-``clone_database`` re-seeds everything (tens of seconds) whenever anyone else is connected to
-the workbook database, which on a shared server is nearly always. Both carry the clone
-marker, so ``drop_database(suffix)`` and ``reset`` remove them.
+adds a COPY of chosen seeded rows only (``clone_database`` copies all of them). Both carry the
+clone marker, so ``drop_database(suffix)`` removes them.
 """
 
 from __future__ import annotations
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 
 from . import models
-from .database import psycopg_conninfo
+from .database import empty_database, psycopg_conninfo, try_create_extension
 
 
 def schema_database(suffix: str, **engine_kw) -> Engine:
     """A new database ``<workbook db>_<suffix>`` with the workbook schema and no rows (a test run's database).
 
-    Built on chapter 06's ``helpers.ddl.empty_database``; pg_stat_statements is created in it when allowed.
+    pg_stat_statements is created in it when this role may.
     """
-    from .ddl import empty_database
-
-    empty = empty_database(suffix)
-    empty.dispose()
-    engine = create_engine(empty.url, **engine_kw)
+    engine = empty_database(suffix, **engine_kw)
     models.Base.metadata.create_all(engine)
-    with engine.begin() as conn:
-        try:
-            with conn.begin_nested():
-                conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
-        except Exception:  # noqa: BLE001 - not superuser on a shared server: chapters check and explain
-            pass
+    try_create_extension(engine, "pg_stat_statements")
     return engine
 
 

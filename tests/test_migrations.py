@@ -14,8 +14,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
-from helpers import drop_database, models
-from helpers.ddl import alembic_config, empty_database
+from helpers import drop_database, empty_database, models
+from helpers.ddl import alembic_config
 
 SUFFIX = "migtest"
 
