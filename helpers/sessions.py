@@ -355,13 +355,16 @@ class Scenario:
         self._sessions = sessions
         try:
             self._set_bounds(admin)
+            superuser = admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
             for stmt in self.setup:
                 admin.execute(stmt)
-            for s in sessions.values():
+            for i, s in enumerate(sessions.values()):
                 s.conn = psycopg.connect(
                     **conninfo, autocommit=True, prepare_threshold=None, application_name=self.application_name(s.name)
                 )
                 self._set_bounds(s.conn)
+                if superuser:
+                    self._stagger_deadlock_timeout(s.conn, i)
                 if s.isolation:
                     s.conn.execute("SELECT set_config('default_transaction_isolation', %s, false)", (s.isolation,))
                 s.pid = s.conn.info.backend_pid
@@ -389,6 +392,18 @@ class Scenario:
             "set_config('idle_in_transaction_session_timeout', '60s', false)",
             (self.lock_timeout, self.statement_timeout),
         )
+
+    def _stagger_deadlock_timeout(self, conn: psycopg.Connection, index: int) -> None:
+        """Deadlock victim by declaration order, not by a race between the waiters' timers.
+
+        Each waiting backend runs the deadlock check ``deadlock_timeout`` after it began to wait, and the
+        one that finds the cycle is the victim. Two waiters that began a few ms apart race under load; giving
+        the i-th declared session 1 s + 0.3 s * i makes the earliest declared session of a cycle the victim
+        on every run. Superuser only (as the setting is); kept below lock_timeout so deadlocks stay 40P01.
+        """
+        ms = 1000 + 300 * index
+        if ms + 500 <= _seconds(self.lock_timeout) * 1000:
+            conn.execute("SELECT set_config('deadlock_timeout', %s, false)", (f"{ms}ms",))
 
     def _deadline(self) -> float:
         return time.monotonic() + _seconds(self.statement_timeout) + 10.0
