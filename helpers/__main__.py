@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for table, n in res["tables"].items():
                 print(f"  {table:<12} {n:>12,}")
-            print("  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["stages"].items()))
+            stages = ", ".join(f"{k} {v:.1f}s" for k, v in res["stages"].items())
+            print(f"  time per stage, summed over the {res['lanes']} lanes: {stages}")
             return 0
         if args.command == "bench":
             from .bench import bench_seed

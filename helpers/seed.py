@@ -201,7 +201,8 @@ LOADS: dict[str, Load] = {
         SELECT g, g, round((100 + {_u(81)} * 900)::numeric, 2) FROM generate_series(1, {{users}}) AS g""",
     ),
 }
-# orders reads the committed order_items (its totals)
+# tasks: one per table (create, load, keys, indexes, VACUUM ANALYZE) and one per foreign key
+# (after both of its tables); orders reads the committed order_items (its totals)
 _LOAD_AFTER = {"orders": ["order_items"]}
 
 
@@ -228,6 +229,12 @@ class _Task:
     tables: frozenset[str]  # no two running tasks share a table: they would only wait on each other's locks
     cost: float  # among ready tasks, the biggest starts first
     after: set[str] = field(default_factory=set)  # tasks that must have finished
+
+
+def _default_lanes() -> int:
+    """One lane per core: each keeps about one core busy (its generating and its loading session)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return min(8, max(2, cores))
 
 
 def _run_tasks(tasks: list[_Task], workers: int) -> None:
@@ -427,8 +434,13 @@ def seed(
     *,
     force: bool = False,
     progress: bool = False,
+    lanes: int | None = None,
 ) -> dict:
-    """(Re)build the workbook schema and load deterministic data; returns rows per table and timings."""
+    """(Re)build the workbook schema and load deterministic data; returns rows per table and timings.
+
+    ``lanes`` tasks (table loads, foreign keys) run at a time: by default one per CPU core of
+    this machine (at least two, at most eight); the data is the same for any number.
+    """
     s = settings()
     scale = scale or s.scale
     seed_value = s.seed if seed_value is None else seed_value
@@ -477,6 +489,11 @@ def seed(
             rows: dict[str, int] = {}
             spent: dict[str, float] = {}
 
+            def spend(stage: str, since: float) -> float:
+                now = time.perf_counter()
+                spent[stage] = spent.get(stage, 0.0) + now - since
+                return now
+
             def load(name: str) -> None:
                 began = time.perf_counter()
                 # created, loaded and indexed in one transaction: with wal_level=minimal (the embedded
@@ -485,13 +502,15 @@ def seed(
                     with conn.begin():
                         conn.execute(text("SET LOCAL synchronous_commit = off"))
                         conn.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
-                        # two lanes already keep both cores busy: parallel workers would only add overhead
+                        # the lanes already keep every core busy: parallel workers would only add overhead
                         conn.execute(text("SET LOCAL max_parallel_maintenance_workers = 0"))
                         table = by_name[name]
                         conn.exec_driver_sql(_bare_table_ddl(table, engine.dialect))
                         rows[name] = _load_rows(engine, conn, name, params)
+                        began = spend("generate_and_copy", began)
                         for stmt in _key_constraints(table) + [CreateIndex(ix) for ix in table.indexes]:
                             conn.execute(stmt)
+                    began = spend("keys_and_indexes", began)
                     if conn.dialect.server_version_info >= (15,):
                         # report this session's insert counts now, not up to a second later: after
                         # the VACUUM below they would make autovacuum visit the table in a lesson
@@ -502,7 +521,7 @@ def seed(
                     # planner lessons need
                     conn.execution_options(isolation_level="AUTOCOMMIT")
                     conn.execute(text(f"VACUUM (ANALYZE) {name}"))  # name from helpers.models
-                spent["load"] = spent.get("load", 0.0) + time.perf_counter() - began
+                spend("vacuum_analyze", began)
                 if bar:
                     bar.update(1)
 
@@ -515,7 +534,7 @@ def seed(
                     conn.execute(text("SET LOCAL enable_hashjoin = off"))
                     conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
                     conn.execute(AddConstraint(fk))
-                spent["foreign_keys"] = spent.get("foreign_keys", 0.0) + time.perf_counter() - began
+                spend("foreign_keys", began)
 
             expected = _expected_rows(sizes)
             tasks = [
@@ -539,7 +558,8 @@ def seed(
                         {f"load {child}", f"load {parent}"},
                     )
                 )
-            _run_tasks(tasks, workers=2)
+            lanes = lanes or _default_lanes()
+            _run_tasks(tasks, workers=lanes)
             stages.update(spent)
 
             with engine.begin() as conn:
@@ -568,7 +588,8 @@ def seed(
         "seconds": time.perf_counter() - t0,
         "rows": sum(rows.values()),
         "tables": dict(sorted(rows.items(), key=lambda kv: -kv[1])),
-        "stages": stages,
+        "stages": stages,  # seconds in each stage, summed over the lanes
+        "lanes": lanes,
     }
 
 

@@ -133,3 +133,70 @@ def test_reset_drops_only_what_the_workbook_owns(scratch_db):
             assert seed.is_seeded(eng, "ci", 42)
     finally:
         eng.dispose()
+
+
+def test_more_lanes_give_the_same_data(scratch_db):
+    """The task graph may run tables and foreign keys in any order: the data must not depend on it."""
+    eng = make_engine(database=scratch_db("lanes"))
+    try:
+        res = seed.seed(eng, "ci", 42, lanes=5)
+        sums = seed.checksum(eng)
+        with eng.connect() as c:
+            fks = c.execute(text("SELECT count(*) FILTER (WHERE convalidated) FROM pg_constraint WHERE contype = 'f'"))
+            validated = fks.scalar()
+    finally:
+        eng.dispose()
+    assert res["lanes"] == 5
+    assert sums == json.loads(GOLDEN.read_text())
+    assert validated == sum(len(t.foreign_key_constraints) for t in Base.metadata.sorted_tables)
+
+
+def test_seeded_tables_are_all_visible_analysed_and_quiet(engine):
+    """COPY FREEZE leaves every page all-visible (index-only scans work at once), ANALYZE has run,
+    and no insert counts are left over that would bring autovacuum by in the middle of a lesson."""
+    with engine.connect() as c:
+        rows = c.execute(
+            text("""
+            SELECT c.relname, c.relpages, c.relallvisible, s.n_ins_since_vacuum, s.n_mod_since_analyze,
+                   s.last_analyze IS NOT NULL OR s.last_autoanalyze IS NOT NULL
+            FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+            WHERE c.relname = ANY(:tables) AND s.schemaname = 'public'"""),
+            {"tables": TABLES},
+        ).all()
+    assert len(rows) == len(TABLES)
+    for name, pages, all_visible, ins, mod, analysed in rows:
+        assert all_visible == pages > 0, f"{name}: {all_visible} of {pages} pages all-visible"
+        assert (ins, mod) == (0, 0), f"{name}: {ins} inserts since vacuum, {mod} changes since analyze"
+        assert analysed, name
+
+
+def test_a_generator_failing_midway_rolls_its_table_back(scratch_db, monkeypatch):
+    """psql streams rows as they are made: a generator failing after some rows must not leave a
+    short table that looks complete (binary COPY accepts a stream cut between two rows)."""
+    failing = seed.Load(
+        "id, name",
+        "SELECT g, CASE WHEN g < 40 THEN 'tag-' || g ELSE (1 / 0)::text END FROM generate_series(1, {tags}) AS g",
+    )
+    monkeypatch.setitem(seed.LOADS, "tags", failing)
+    eng = make_engine(database=scratch_db("failing"))
+    try:
+        with pytest.raises(seed.WorkbookError, match="Generating table tags failed: .*division by zero"):
+            seed.seed(eng, "ci", 42)
+        with eng.connect() as c:
+            assert c.execute(text("SELECT to_regclass('tags')")).scalar() is None
+            assert seed.seeded_info(eng)["complete"] == "false"
+    finally:
+        eng.dispose()
+
+
+def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
+    from helpers.bench import bench_seed
+
+    out = bench_seed("ci")
+    printed = capsys.readouterr().out
+    assert out["seed_rows"] > 150_000 and out["pgbench_rows"] == 200_022  # pgbench -i -s 2
+    assert out["seed_rows_per_s"] > 0 and out["pgbench_rows_per_s"] > 0 and out["ratio"] > 0
+    assert "ratio seed / pgbench" in printed and "time per stage" in printed
+    with engine.connect() as c:
+        left = c.execute(text("SELECT count(*) FROM pg_database WHERE datname LIKE '%bench%'")).scalar()
+    assert left == 0
