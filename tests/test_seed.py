@@ -175,7 +175,7 @@ def test_a_generator_failing_midway_rolls_its_table_back(scratch_db, monkeypatch
     short table that looks complete (binary COPY accepts a stream cut between two rows)."""
     failing = seed.Load(
         "id, name",
-        "SELECT g, CASE WHEN g < 40 THEN 'tag-' || g ELSE (1 / 0)::text END FROM generate_series(1, {tags}) AS g",
+        "SELECT g, CASE WHEN g < 40 THEN 'tag-' || g ELSE (1 / 0)::text END FROM generate_series(1, :tags) AS g",
     )
     monkeypatch.setitem(seed.LOADS, "tags", failing)
     eng = make_engine(database=scratch_db("failing"))
