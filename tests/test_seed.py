@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_helpers
+from psycopg import sql
 from sqlalchemy import text
 
 from helpers import make_engine, seed
@@ -200,3 +201,19 @@ def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
     with engine.connect() as c:
         left = c.execute(text("SELECT count(*) FROM pg_database WHERE datname LIKE '%bench%'")).scalar()
     assert left == 0
+
+
+def test_same_data_whatever_the_servers_timezone(scratch_db):
+    """`timestamptz + interval '730 days'` depends on the session's TimeZone (days cross DST changes):
+    the generator pins UTC, so a server of your own with another default gives the same data."""
+    db = scratch_db("tz")
+    eng = make_engine(database=db)
+    try:
+        with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            alter = sql.SQL("ALTER DATABASE {} SET TimeZone = 'America/New_York'").format(sql.Identifier(db))
+            c.connection.driver_connection.execute(alter)
+        seed.seed(eng, "ci", 42)
+        sums = seed.checksum(eng)
+    finally:
+        eng.dispose()
+    assert sums == json.loads(GOLDEN.read_text())
