@@ -116,4 +116,7 @@ def bench_seed(scale: str) -> dict:
     print(line(f"pgbench -i -s {pg_scale}", pgb_rows, pgb_s, pgb_bytes, pgb_cpu))
     print(f"ratio seed / pgbench: {out['ratio']:.2f} in rows/s, {out['bytes_ratio']:.2f} in MB/s")
     print("(core-s: CPU time of the whole machine during each command, server and client included)")
+    from .results import record
+
+    print(f"written to {record(f'bench_seed_{scale}', out)}")
     return out

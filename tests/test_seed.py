@@ -197,7 +197,7 @@ def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
     printed = capsys.readouterr().out
     assert out["seed_rows"] > 150_000 and out["pgbench_rows"] == 200_022  # pgbench -i -s 2
     assert out["seed_rows_per_s"] > 0 and out["pgbench_rows_per_s"] > 0 and out["ratio"] > 0
-    assert "ratio seed / pgbench" in printed and "time per stage" in printed
+    assert "ratio seed / pgbench" in printed and "time per stage" in printed and "bench_seed_ci.json" in printed
     with engine.connect() as c:
         left = c.execute(text("SELECT count(*) FROM pg_database WHERE datname LIKE '%bench%'")).scalar()
     assert left == 0
