@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from . import server
-from .database import _libpq_kwargs, database_url, drop_database, empty_database, is_embedded
+from .database import _libpq_kwargs, database_url, drop_database, empty_database, is_embedded, libpq_tool_args
 
 
 def _fresh_db(suffix: str) -> str:
@@ -68,16 +68,10 @@ def bench_seed(scale: str) -> dict:
         seed_s, seed_cpu, seed_out = _timed([sys.executable, "-m", "helpers", "seed", "--scale", scale], env)
         seed_rows, seed_bytes = _rows_and_bytes(seed_db, list(TABLES))
         pg_scale = max(1, round(seed_rows / 100_000))  # pgbench loads 100,000 accounts per unit of scale
-        pgbench = (server.bin_dir() / "pgbench") if is_embedded() else "pgbench"
-        penv = {
-            **os.environ,
-            "PGPASSWORD": base.password or "",
-            "PGHOST": base.host or "localhost",
-            "PGPORT": str(base.port or 5432),
-            "PGUSER": base.username or "",
-            "PGDATABASE": pgb_db,
-        }
-        pgb_s, pgb_cpu, _ = _timed([str(pgbench), "-i", "-q", "-s", str(pg_scale)], penv)
+        # the embedded server's own pgbench; against a server of your own, the wheel's
+        pgbench = (server.bin_dir() if is_embedded() else server.embedded_bin_dir()) / "pgbench"
+        conninfo, penv = libpq_tool_args(base.set(database=pgb_db))
+        pgb_s, pgb_cpu, _ = _timed([str(pgbench), "-i", "-q", "-s", str(pg_scale), conninfo], penv)
         pgb_rows, pgb_bytes = _rows_and_bytes(
             pgb_db, ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"]
         )

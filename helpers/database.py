@@ -8,9 +8,11 @@ trainees sharing one server each get a database of their own.
 from __future__ import annotations
 
 import functools
+import os
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import Engine, NullPool, create_engine
 from sqlalchemy.engine import URL, make_url
 
@@ -76,6 +78,18 @@ def _libpq_kwargs(url: URL) -> dict:
     }
     kw.update({k: v for k, v in url.query.items() if isinstance(v, str)})
     return {k: v for k, v in kw.items() if v is not None}
+
+
+def libpq_tool_args(url: URL) -> tuple[str, dict[str, str]]:
+    """How to point a libpq command-line tool (psql, pgbench) at ``url``: a connection string for its
+    database argument, and an environment carrying the password. ``ps`` shows command lines to every
+    user of the machine, a process's environment only to its owner."""
+    kw = _libpq_kwargs(url)
+    password = kw.pop("password", None)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return make_conninfo(**kw), env
 
 
 def check_connection(url: URL) -> None:
