@@ -178,25 +178,18 @@ def test_connection_budget_arithmetic(engine):
 def test_throwaway_demo_refuses_a_state_folder_that_is_not_its_own(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "WORKBOOK_STATE"}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    res = subprocess.run(
-        [sys.executable, "-c", _THROWAWAY, "6", "3"],
-        env=env,
-        cwd=str(REPO_ROOT),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode != 0 and "refusing to run" in res.stderr
-    env["WORKBOOK_STATE"] = str(tmp_path)  # not named wb-pool-*: refused too
-    res = subprocess.run(
-        [sys.executable, "-c", _THROWAWAY, "6", "3"],
-        env=env,
-        cwd=str(REPO_ROOT),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode != 0 and "refusing to run" in res.stderr
+    for state in (None, tmp_path):  # the workbook's own folder, and one not named wb-pool-*
+        if state is not None:
+            env["WORKBOOK_STATE"] = str(state)
+        res = subprocess.run(
+            [sys.executable, "-c", _THROWAWAY, "6", "3"],
+            env=env,
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode != 0 and "refusing to run" in res.stderr, state
 
 
 # ----------------------------------------------------------------------------- PgBouncer
