@@ -217,3 +217,28 @@ def test_same_data_whatever_the_servers_timezone(scratch_db):
     finally:
         eng.dispose()
     assert sums == json.loads(GOLDEN.read_text())
+
+
+def test_the_load_skips_the_wal(scratch_db):
+    """Tables created, loaded and indexed in one transaction skip the WAL at wal_level=minimal (the
+    embedded server's setting). Relations under wal_skip_threshold are logged as page images at
+    commit instead of synced, so at `ci` the WAL holds the small ones but not the big ones."""
+    eng = make_engine(database=scratch_db("wal"))
+    try:
+        with eng.connect() as c:
+            if c.execute(text("SHOW wal_level")).scalar() != "minimal":
+                pytest.skip("a server of your own with wal_level above minimal logs the load")
+            before = c.execute(text("SELECT pg_current_wal_insert_lsn()")).scalar()
+        seed.seed(eng, "ci", 42)
+        with eng.connect() as c:
+            wal = c.execute(text("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :b)"), {"b": before}).scalar()
+            big = c.execute(
+                text("""
+                SELECT sum(pg_relation_size(c.oid)) FROM pg_class c
+                WHERE c.relnamespace = 'public'::regnamespace
+                  AND pg_relation_size(c.oid) >= pg_size_bytes(current_setting('wal_skip_threshold'))""")
+            ).scalar()
+    finally:
+        eng.dispose()
+    assert big > 20_000_000, "posts alone is over 20 MB at ci"
+    assert wal < big, f"{wal:,.0f} WAL bytes, {big:,} bytes in relations over wal_skip_threshold"
