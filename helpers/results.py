@@ -43,8 +43,42 @@ def _plain(value):
     return value
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when it has uncommitted changes), or None outside git."""
+    import subprocess
+
+    from .config import REPO_ROOT
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _meta() -> dict:
-    meta = {"scale": settings().scale, "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    """Where these results come from: scale, server, machine, commit and time."""
+    import os
+    import platform
+
+    meta = {
+        "scale": settings().scale,
+        "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "commit": _commit(),
+    }
     try:
         from sqlalchemy import text
 

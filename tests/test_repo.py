@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+LINTED = ["helpers", "tests", "notebooks", "migrations", "conftest.py"]  # what `make lint` checks
 
 
 def _pins(lines):
@@ -101,9 +102,37 @@ def test_gitignore_covers_generated_files():
 
 def test_ruff_is_clean():
     res = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "helpers", "tests", "notebooks"],
+        [sys.executable, "-m", "ruff", "check", *LINTED],
         cwd=REPO,
         capture_output=True,
         text=True,
+    )
+    assert res.returncode == 0, res.stdout[-3000:]
+
+
+def test_a_test_run_writes_its_artifacts_outside_output():
+    """``output/`` is ``make run``'s: the root conftest gives every pytest run (nbmake too) a scratch folder."""
+    import os
+
+    from helpers import plots, record
+
+    scratch = Path(os.environ["WORKBOOK_OUTPUT"]).resolve()
+    assert scratch != (REPO / "output").resolve()
+    before = sorted(p.relative_to(REPO) for p in (REPO / "output").rglob("*")) if (REPO / "output").exists() else []
+    path = record("repo_test_probe", {"value": 1})
+    fig, ax = plots.figure("probe", "x", "y")
+    ax.plot([0, 1], [0, 1])
+    png = plots.save(fig, "repo_test_probe")
+    assert path.resolve().is_relative_to(scratch) and Path(png).resolve().is_relative_to(scratch)
+    after = sorted(p.relative_to(REPO) for p in (REPO / "output").rglob("*")) if (REPO / "output").exists() else []
+    assert before == after
+    meta = json.loads(path.read_text())["meta"]
+    assert {"scale", "server_version", "cores", "commit", "recorded_at", "machine"} <= set(meta)
+
+
+def test_ruff_format_is_clean():
+    code = [p for p in LINTED if p != "notebooks"]  # notebooks are linted, not reformatted
+    res = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", *code], cwd=REPO, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout[-3000:]

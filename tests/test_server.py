@@ -10,6 +10,7 @@ import time
 
 import psycopg
 import pytest
+
 from conftest import run_helpers
 
 
