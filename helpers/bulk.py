@@ -26,6 +26,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    any_,
     bindparam,
     column,
     func,
@@ -431,7 +432,10 @@ def report_python(session: Session, top_n: int = 3) -> list[tuple]:
     for o in session.scalars(select(Order).where(Order.status.in_(REPORT_STATUSES))):
         spent[o.user_id] = spent.get(o.user_id, Decimal(0)) + o.total
         counts[o.user_id] = counts.get(o.user_id, 0) + 1
-    users = {u.id: u for u in session.scalars(select(User).where(User.id.in_(spent)))}
+    # one array parameter, not one bound value per id: an IN list of every customer passes
+    # PostgreSQL's 65,535-parameter limit at `large` (200,000 users)
+    ids = bindparam("ids", list(spent), type_=ARRAY(Integer))
+    users = {u.id: u for u in session.scalars(select(User).where(User.id == any_(ids)))}
     by_region: dict[str, list] = {}
     for uid, total in spent.items():
         by_region.setdefault(users[uid].region, []).append((-total, uid))

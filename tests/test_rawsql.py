@@ -58,6 +58,17 @@ def test_report_variants_return_identical_rows(engine):
         assert [r[3] for r in part] == sorted((r[3] for r in part), reverse=True)
 
 
+def test_python_report_sends_one_parameter_whatever_the_customer_count(engine):
+    """An IN list binds one value per id: past 65,535 customers (`large` has 200,000) PostgreSQL refuses it."""
+    from helpers import count_queries
+
+    with Session(engine) as session, count_queries(engine) as q:
+        bulk.report_python(session, 3)
+    users_stmt = next(st for st in q.statements if "FROM users" in st.sql)
+    assert len(users_stmt.parameters) == 1, users_stmt.parameters
+    assert isinstance(next(iter(users_stmt.parameters.values())), list)
+
+
 def test_report_top_n_and_totals_match_a_plain_aggregate(engine):
     with engine.connect() as conn:
         top1 = conn.execute(bulk.report_text(1)).all()
