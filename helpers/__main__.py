@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--scale", choices=SCALES, default="ci")
     run = sub.add_parser("run", help="execute every notebook in order into output/")
     run.add_argument("notebooks", nargs="*")
+    cr = sub.add_parser("compare-results", help="compare two runs' results folders on their declared conclusions")
+    cr.add_argument("a")
+    cr.add_argument("b")
     sub.add_parser("lock-env", help="write environment.yml from requirements.lock")
     st = sub.add_parser("strip", help="remove outputs from notebooks (they are committed without)")
     st.add_argument("notebooks", nargs="+")
@@ -99,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             from .runner import run_notebooks
 
             return run_notebooks(args.notebooks)
+        if args.command == "compare-results":
+            from .results import compare_results
+
+            diffs = compare_results(args.a, args.b)
+            for line in diffs:
+                print(line)
+            print(f"{len(diffs)} differing conclusion(s)" if diffs else "every declared conclusion agrees")
+            return 1 if diffs else 0
         if args.command == "lock-env":
             from .runner import write_environment_yml
 

@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from .config import output_dir, settings
+from .config import WorkbookError, output_dir, settings
 
 _TOPIC = re.compile(r"^[a-z0-9_]+$")
 
@@ -92,16 +92,68 @@ def _meta() -> dict:
     return meta
 
 
-def record(topic: str, data: dict) -> Path:
-    """Write ``output/results/<topic>.json`` (replacing it) with ``data`` plus a ``meta`` key."""
+def ordering(values: dict) -> list[str]:
+    """The keys of ``values`` from the smallest value to the largest: an ordering to declare as a conclusion.
+
+    Declare only orderings that hold with a wide margin (the chapter asserts them): two runs must agree.
+    """
+    return [str(k) for k, _ in sorted(values.items(), key=lambda kv: kv[1])]
+
+
+def record(topic: str, data: dict, conclusions: dict | None = None) -> Path:
+    """Write ``output/results/<topic>.json`` (replacing it) with ``data`` plus a ``meta`` key.
+
+    ``conclusions`` holds what the chapter claims, each claim one value that does not vary between
+    runs (a boolean, a count, a matrix, an ``ordering``): ``python -m helpers compare-results A B``
+    compares two runs on them.
+    """
     if not _TOPIC.match(topic):
         raise ValueError(f"topic must be lower-case letters, digits and underscores: {topic!r}")
     if not isinstance(data, dict):
         raise TypeError("record() takes a dict of measured values")
+    if conclusions is not None and not isinstance(conclusions, dict):
+        raise TypeError("conclusions must be a dict: claim name -> value")
     payload = _plain(dict(data))
+    if conclusions is not None:
+        payload["conclusions"] = _plain(dict(conclusions))
     payload["meta"] = _meta()
     path = output_dir("results") / f"{topic}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def compare_results(a: Path, b: Path) -> list[str]:
+    """Every declared conclusion on which two results folders differ (empty: they agree).
+
+    A topic or claim present in one folder only counts as a difference: a run that stopped early
+    must not pass for one that agrees.
+    """
+    a, b = Path(a), Path(b)
+
+    def load(folder: Path) -> dict[str, dict]:
+        if not folder.is_dir():
+            raise WorkbookError(f"{folder} is not a folder; give two results folders (output/results of two runs).")
+        out = {}
+        for path in sorted(folder.glob("*.json")):
+            out[path.stem] = json.loads(path.read_text()).get("conclusions")
+        return out
+
+    left, right = load(a), load(b)
+    diffs = []
+    for topic in sorted(set(left) | set(right)):
+        if topic not in left or topic not in right:
+            diffs.append(f"{topic}: only in {a if topic in left else b}")
+            continue
+        lc, rc = left[topic], right[topic]
+        if lc is None or rc is None:
+            if lc != rc:
+                diffs.append(f"{topic}: conclusions declared in {a if lc is not None else b} only")
+            continue
+        for claim in sorted(set(lc) | set(rc)):
+            if claim not in lc or claim not in rc:
+                diffs.append(f"{topic}.{claim}: only in {a if claim in lc else b}")
+            elif lc[claim] != rc[claim]:
+                diffs.append(f"{topic}.{claim}: {lc[claim]!r} in {a}, {rc[claim]!r} in {b}")
+    return diffs
