@@ -146,3 +146,85 @@ def test_missing_extension_is_explained(engine):
     require_extension(engine, "pg_stat_statements")
     with pytest.raises(WorkbookError, match="not available on this server"):
         require_extension(engine, "no_such_extension")
+
+
+# A parent that never reaps its children (Jupyter, `make lab` as a container's PID 1): it becomes the
+# children's subreaper, so the daemonised postmaster (pg_ctl's grandchild) is re-parented to it, and
+# after `kill -9` stays a zombie for as long as this parent lives. PostgreSQL's `kill(pid, 0)` still
+# sees that pid, so without recovery it refuses to start ("lock file ... already exists").
+NON_REAPING_PARENT = r"""
+import ctypes, json, os, signal, subprocess, sys, time
+import psycopg
+from sqlalchemy.engine import make_url
+
+PR_SET_CHILD_SUBREAPER = 36
+assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def helpers(*args):
+    return subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, timeout=120)
+
+
+def state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return rest[0], int(rest[1])  # state letter, parent pid
+
+
+out = {"first": helpers("db", "start").returncode}
+pid = json.loads(helpers("db", "status").stdout)["pid"]
+out["postmaster_parent_is_us"] = state(pid)[1] == os.getpid()
+url = make_url(helpers("db", "url").stdout.strip())
+conn = psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                       dbname=url.database, connect_timeout=5, autocommit=True)
+conn.execute("SET statement_timeout = '60s'")
+backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+# a busy backend does not notice its postmaster's death: an orphan still attached to the old server
+conn.pgconn.send_query(b"DO $$BEGIN LOOP PERFORM 1; END LOOP; END$$")
+time.sleep(0.3)
+os.kill(pid, signal.SIGKILL)
+deadline = time.monotonic() + 10
+while state(pid)[0] != "Z" and time.monotonic() < deadline:
+    time.sleep(0.05)
+out["zombie"] = state(pid)[0] == "Z"
+out["orphan_alive_before"] = (state(backend) or ("gone",))[0] not in ("Z", "gone")
+second = helpers("db", "start")
+out["second"] = second.returncode
+out["stderr"] = second.stderr
+out["still_zombie"] = state(pid)[0] == "Z"
+out["orphan_after"] = (state(backend) or ("gone",))[0]
+out["new_pid"] = json.loads(helpers("db", "status").stdout)["pid"]
+out["stop"] = helpers("db", "stop").stdout.strip()
+while True:  # now reap everything we inherited
+    try:
+        if os.waitpid(-1, 0)[0] == 0:
+            break
+    except ChildProcessError:
+        break
+print(json.dumps(out))
+"""
+
+
+def test_recovers_from_kill_9_under_a_parent_that_never_reaps(state_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "WORKBOOK_DB", "WORKBOOK_PORT"}}
+    env["WORKBOOK_STATE"] = str(state_dir)
+    res = subprocess.run(
+        [sys.executable, "-c", NON_REAPING_PARENT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["first"] == 0 and out["postmaster_parent_is_us"], out
+    assert out["zombie"] and out["still_zombie"], "the test must start from an unreaped zombie postmaster"
+    assert out["orphan_alive_before"], "the busy backend should outlive its postmaster"
+    assert out["second"] == 0, out["stderr"]
+    assert out["orphan_after"] in ("Z", "gone"), "the orphaned backend must be killed"
+    assert out["new_pid"] and out["stop"] == "stopped"
