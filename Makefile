@@ -24,7 +24,7 @@ help:
 # differs and rebuilds the venv. Read with $(file <) when make parses this: no process when unchanged.
 VENV_UID := $(shell id -u)
 VENV_ID  := $(CURDIR) uid=$(VENV_UID)
-ifneq ($(file < $(STAMP)),$(VENV_ID))
+ifneq ($(if $(wildcard $(STAMP)),$(file < $(STAMP))),$(VENV_ID))
 VENV_ELSEWHERE := FORCE
 endif
 .PHONY: FORCE

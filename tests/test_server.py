@@ -228,3 +228,45 @@ def test_recovers_from_kill_9_under_a_parent_that_never_reaps(state_dir):
     assert out["second"] == 0, out["stderr"]
     assert out["orphan_after"] in ("Z", "gone"), "the orphaned backend must be killed"
     assert out["new_pid"] and out["stop"] == "stopped"
+
+
+def test_a_lock_is_removed_only_when_its_writer_is_gone(tmp_path):
+    """The lock-file rule on its own: a lock naming a live process started when the lock says is kept
+    (here: this test's own process stands in for a running postmaster); one whose pid now belongs to a
+    process started at another time (pid reuse after a restart), or to no process, is stale."""
+    from helpers import server
+
+    p = server.Paths(
+        state=tmp_path,
+        data=tmp_path / "data",
+        socket_dir=tmp_path / "run",
+        log=tmp_path / "log",
+        port_file=tmp_path / "port",
+        password_file=tmp_path / "password",
+        lock_file=tmp_path / "lock",
+    )
+    p.data.mkdir()
+    p.socket_dir.mkdir()
+    me = os.getpid()
+    started = int(server._proc_stat(me)[2])
+    gone = max(int(x) for x in os.listdir("/proc") if x.isdigit()) + 100_000  # no such pid (pid_max 4M)
+
+    def lock(port: int, pid: int, start: int, data=p.data):
+        path = p.socket_dir / f".s.PGSQL.{port}.lock"
+        path.write_text(f"{pid}\n{data}\n{start}\n{port}\n{p.socket_dir}\n")
+        (p.socket_dir / f".s.PGSQL.{port}").touch()
+        return path
+
+    live = lock(5001, me, started)
+    reused = lock(5002, 1, started)  # pid 1 runs, but was not started when this lock says
+    dead = lock(5003, gone, started)
+    foreign = lock(5004, gone, started, data=tmp_path / "someone-else")
+    server._recover_from_crash(p)
+    assert live.exists() and (p.socket_dir / ".s.PGSQL.5001").exists(), "a live writer's lock must stay"
+    assert not reused.exists() and not dead.exists() and not (p.socket_dir / ".s.PGSQL.5003").exists()
+    assert foreign.exists(), "a lock of another data folder is not ours to remove"
+
+    (p.data / "postmaster.pid").write_text(f"{me}\n{p.data}\n{started}\n5001\n")
+    with pytest.raises(server.WorkbookError, match=f"pid {me}"):
+        server._recover_from_crash(p)
+    assert (p.data / "postmaster.pid").exists()
