@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-ROOTFLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+ROOTFLAG = $(if $(filter 0,$(VENV_UID)),--allow-root,)
 PG15_BIN ?= /usr/lib/postgresql/15/bin
 export PLOOMBER_STATS_ENABLED := false
 NBMAKE := --nbmake --nbmake-timeout=300
@@ -19,15 +19,32 @@ help:
 	@echo "make lab        JupyterLab on notebooks/ with the database ready"
 	@echo "make db-start | db-stop | db-status | db-log | reset | seed | bench | lint | clean"
 
+# The venv belongs to one checkout path and one user: its qo_workbook.pth, its scripts' #! lines and
+# files name them. The stamp records both; a copied or moved checkout (cp -a), or another user's copy,
+# differs and rebuilds the venv. Read with $(file <) when make parses this: no process when unchanged.
+VENV_UID := $(shell id -u)
+VENV_ID  := $(CURDIR) uid=$(VENV_UID)
+ifneq ($(if $(wildcard $(STAMP)),$(file < $(STAMP))),$(VENV_ID))
+VENV_ELSEWHERE := FORCE
+endif
+.PHONY: FORCE
+FORCE:
+
 venv: $(STAMP)
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml $(VENV_ELSEWHERE)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required, found " + sys.version.split()[0]'
+	@# built for another checkout path or user (or half built): start afresh
+	@if [ -e $(VENV) ] && { [ "$$(stat -c %u $(VENV))" != "$(VENV_UID)" ] || \
+	    [ "$$(cat $(VENV)/lib/python3*/site-packages/qo_workbook.pth 2>/dev/null)" != "$(CURDIR)" ]; }; then \
+	  echo "$(VENV) was built for another checkout path or user: rebuilding it for $(VENV_ID)"; \
+	  rm -rf $(VENV) || { echo "cannot remove $(VENV): remove it yourself, then run make again"; exit 1; }; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	@# the checkout itself on sys.path (so the kernel imports `helpers` from any folder), no build step
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "qo_workbook.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
-	@touch $(STAMP)
+	@echo '$(VENV_ID)' > $(STAMP)
 
 run: venv db-start
 	$(PY) -m helpers seed --if-needed

@@ -23,6 +23,9 @@ def _db(action: str) -> int:
     if action == "start":
         import time
 
+        from .config import settings
+
+        settings().db_name  # noqa: B018 - a bad WORKBOOK_DB stops here, before the server starts
         t0 = time.perf_counter()
         info = server.start()
         database_url()  # creates the workbook database
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("notebooks", nargs="+")
     args = parser.parse_args(argv)
     try:
+        if args.command in ("seed", "reset", "run") and not getattr(args, "scale", None):
+            from .config import settings
+
+            settings().scale  # noqa: B018 - a bad WORKBOOK_SCALE stops here, before anything starts
         if args.command == "db":
             return _db(args.action)
         if args.command in ("seed", "reset"):

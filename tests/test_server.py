@@ -147,3 +147,127 @@ def test_missing_extension_is_explained(engine):
     require_extension(engine, "pg_stat_statements")
     with pytest.raises(WorkbookError, match="not available on this server"):
         require_extension(engine, "no_such_extension")
+
+
+# A parent that never reaps its children (Jupyter, `make lab` as a container's PID 1): it becomes the
+# children's subreaper, so the daemonised postmaster (pg_ctl's grandchild) is re-parented to it, and
+# after `kill -9` stays a zombie for as long as this parent lives. PostgreSQL's `kill(pid, 0)` still
+# sees that pid, so without recovery it refuses to start ("lock file ... already exists").
+NON_REAPING_PARENT = r"""
+import ctypes, json, os, signal, subprocess, sys, time
+import psycopg
+from sqlalchemy.engine import make_url
+
+PR_SET_CHILD_SUBREAPER = 36
+assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def helpers(*args):
+    return subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, timeout=120)
+
+
+def state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return rest[0], int(rest[1])  # state letter, parent pid
+
+
+out = {"first": helpers("db", "start").returncode}
+pid = json.loads(helpers("db", "status").stdout)["pid"]
+out["postmaster_parent_is_us"] = state(pid)[1] == os.getpid()
+url = make_url(helpers("db", "url").stdout.strip())
+conn = psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                       dbname=url.database, connect_timeout=5, autocommit=True)
+conn.execute("SET statement_timeout = '60s'")
+backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+# a busy backend does not notice its postmaster's death: an orphan still attached to the old server
+conn.pgconn.send_query(b"DO $$BEGIN LOOP PERFORM 1; END LOOP; END$$")
+time.sleep(0.3)
+os.kill(pid, signal.SIGKILL)
+deadline = time.monotonic() + 10
+while state(pid)[0] != "Z" and time.monotonic() < deadline:
+    time.sleep(0.05)
+out["zombie"] = state(pid)[0] == "Z"
+out["orphan_alive_before"] = (state(backend) or ("gone",))[0] not in ("Z", "gone")
+second = helpers("db", "start")
+out["second"] = second.returncode
+out["stderr"] = second.stderr
+out["still_zombie"] = state(pid)[0] == "Z"
+out["orphan_after"] = (state(backend) or ("gone",))[0]
+out["new_pid"] = json.loads(helpers("db", "status").stdout)["pid"]
+out["stop"] = helpers("db", "stop").stdout.strip()
+while True:  # now reap everything we inherited
+    try:
+        if os.waitpid(-1, 0)[0] == 0:
+            break
+    except ChildProcessError:
+        break
+print(json.dumps(out))
+"""
+
+
+def test_recovers_from_kill_9_under_a_parent_that_never_reaps(state_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "WORKBOOK_DB", "WORKBOOK_PORT"}}
+    env["WORKBOOK_STATE"] = str(state_dir)
+    res = subprocess.run(
+        [sys.executable, "-c", NON_REAPING_PARENT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["first"] == 0 and out["postmaster_parent_is_us"], out
+    assert out["zombie"] and out["still_zombie"], "the test must start from an unreaped zombie postmaster"
+    assert out["orphan_alive_before"], "the busy backend should outlive its postmaster"
+    assert out["second"] == 0, out["stderr"]
+    assert out["orphan_after"] in ("Z", "gone"), "the orphaned backend must be killed"
+    assert out["new_pid"] and out["stop"] == "stopped"
+
+
+def test_a_lock_is_removed_only_when_its_writer_is_gone(tmp_path):
+    """The lock-file rule on its own: a lock naming a live process started when the lock says is kept
+    (here: this test's own process stands in for a running postmaster); one whose pid now belongs to a
+    process started at another time (pid reuse after a restart), or to no process, is stale."""
+    from helpers import server
+
+    p = server.Paths(
+        state=tmp_path,
+        data=tmp_path / "data",
+        socket_dir=tmp_path / "run",
+        log=tmp_path / "log",
+        port_file=tmp_path / "port",
+        password_file=tmp_path / "password",
+        lock_file=tmp_path / "lock",
+    )
+    p.data.mkdir()
+    p.socket_dir.mkdir()
+    me = os.getpid()
+    started = int(server._proc_stat(me)[2])
+    gone = max(int(x) for x in os.listdir("/proc") if x.isdigit()) + 100_000  # no such pid (pid_max 4M)
+
+    def lock(port: int, pid: int, start: int, data=p.data):
+        path = p.socket_dir / f".s.PGSQL.{port}.lock"
+        path.write_text(f"{pid}\n{data}\n{start}\n{port}\n{p.socket_dir}\n")
+        (p.socket_dir / f".s.PGSQL.{port}").touch()
+        return path
+
+    live = lock(5001, me, started)
+    reused = lock(5002, 1, started)  # pid 1 runs, but was not started when this lock says
+    dead = lock(5003, gone, started)
+    foreign = lock(5004, gone, started, data=tmp_path / "someone-else")
+    server._recover_from_crash(p)
+    assert live.exists() and (p.socket_dir / ".s.PGSQL.5001").exists(), "a live writer's lock must stay"
+    assert not reused.exists() and not dead.exists() and not (p.socket_dir / ".s.PGSQL.5003").exists()
+    assert foreign.exists(), "a lock of another data folder is not ours to remove"
+
+    (p.data / "postmaster.pid").write_text(f"{me}\n{p.data}\n{started}\n5001\n")
+    with pytest.raises(server.WorkbookError, match=f"pid {me}"):
+        server._recover_from_crash(p)
+    assert (p.data / "postmaster.pid").exists()
