@@ -116,7 +116,12 @@ def connection_message(exc: BaseException, tb=None) -> str | None:
     if url is None:
         return None
     target = _endpoint(exc, tb)
-    if target is None or target != (url.host or "localhost", int(url.port or 5432)):
+    port = int(url.port or 5432)
+    if (
+        target is None
+        or target[1] != port
+        or (target[0] != (url.host or "localhost") and not target[0].startswith("/"))
+    ):
         return None  # another server (a throwaway, a proxy of a chapter): the usual traceback
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines()

@@ -530,6 +530,16 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _runs_in_env(pid: int, variable: str, value: str) -> bool:
+    """True when process ``pid`` was started with ``variable=value`` (proof that a recorded pid is still
+    the process we started, not a stranger that got the number since)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"{variable}={value}".encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def _processes_in(folder: str) -> list[int]:
     """Processes whose working directory is ``folder`` or below: the throwaway's initdb, pg_ctl,
     postmaster and backends all run there (a folder already deleted reads as ``... (deleted)``)."""
@@ -583,7 +593,7 @@ def reap_throwaways(owner_pid: int | None = None, *, wait_s: float = 60) -> list
         pid, child = owner.get("owner"), owner.get("child")
         if not isinstance(pid, int) or (owner_pid is not None and pid != owner_pid) or _alive(pid):
             continue
-        child = child if isinstance(child, int) else None
+        child = child if isinstance(child, int) and _runs_in_env(child, "WORKBOOK_STATE", folder) else None
         if child and not _wait_gone([child], wait_s):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(child, signal.SIGTERM)

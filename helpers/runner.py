@@ -79,6 +79,16 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _our_kernel(pid: int) -> bool:
+    """The process is a kernel this process started (jupyter_client gives it JPY_PARENT_PID=<us>), not
+    a stranger that got the number after the kernel was reaped."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"JPY_PARENT_PID={os.getpid()}".encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
 class _Execution:
     """One notebook executing in a worker thread; the main thread waits and can stop it."""
 
@@ -119,7 +129,7 @@ class _Execution:
 
     def _signal(self, signum: int) -> None:
         pid = self._pid()
-        if pid and _alive(pid):
+        if pid and _alive(pid) and _our_kernel(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signum)  # the kernel leads its own session (jupyter_client starts it so)
 
