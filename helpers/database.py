@@ -288,6 +288,9 @@ def drop_recorded(records: list[dict]) -> list[str]:
     dropped = []
     admin_url = database_url().set(database="postgres")
     with psycopg.connect(**_libpq_kwargs(admin_url), autocommit=True) as conn:
+        conn.execute(
+            "SELECT set_config('lock_timeout', '10s', false)"
+        )  # bounded: reported on the run's line if it expires
         for item in records:
             row = conn.execute(
                 "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s AND oid = %s",

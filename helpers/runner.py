@@ -32,15 +32,26 @@ STOP_GRACE_S = 15.0  # after the interrupt, how long the kernel may take to stop
 
 def notebooks(selected: list[str] | None = None) -> list[Path]:
     if selected:
-        return [Path(p).resolve() for p in selected]
+        paths = [Path(p).resolve() for p in selected]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise WorkbookError(
+                f"No such notebook: {', '.join(missing)}. Name .ipynb files, e.g. notebooks/00_*.ipynb."
+            )
+        return paths
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
 @contextlib.contextmanager
 def output_lock(out: Path):
     """Hold the run lock of the output folder, or say which process holds it (WorkbookError)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / LOCK_NAME, "a+")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / LOCK_NAME, "a+")
+    except OSError as exc:
+        raise WorkbookError(
+            f"Cannot write the run lock in {out}: {exc.strerror}. Set WORKBOOK_OUTPUT to a folder you can write."
+        ) from None
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -208,7 +219,14 @@ def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
     """Execute each notebook top to bottom; stop at the first failure, naming the failing cell."""
     from .database import RUN_RECORD_ENV
 
-    out = output_dir()
+    paths = notebooks(selected)
+    try:
+        out = output_dir()
+    except OSError as exc:
+        raise WorkbookError(
+            f"Cannot create the output folder {exc.filename}: {exc.strerror}. Set WORKBOOK_OUTPUT to a folder "
+            "you can write."
+        ) from None
     with output_lock(out):
         handlers = {}
         _pending.clear()
@@ -217,7 +235,7 @@ def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
         run_dir = Path(tempfile.mkdtemp(prefix="wb-run-"))
         previous = os.environ.get(RUN_RECORD_ENV)
         try:
-            return _run_all(notebooks(selected), out, run_dir, timeout)
+            return _run_all(paths, out, run_dir, timeout)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,3 +157,30 @@ def test_sigterm_stops_the_run_and_drops_its_database(engine, tmp_path):
     assert proc.returncode == 143, (out, err)
     assert "interrupted (SIGTERM) at cell 1" in out and "Traceback" not in out + err, (out, err)
     assert not _databases("%_t_runterm")
+
+
+def test_only_throwaway_folders_proven_orphaned_are_removed():
+    """A `wb-pool-*` folder goes only with the owner file the demo wrote and its owner dead."""
+    import json
+    import tempfile
+
+    from helpers.pooling import OWNER_FILE, reap_throwaways
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    made = {}
+    for case, owner in (("dead", dead.pid), ("alive", os.getpid()), ("unproven", None), ("forged", dead.pid)):
+        folder = tempfile.mkdtemp(prefix="wb-pool-")
+        (Path(folder) / "pg18").mkdir()
+        if owner is not None:
+            mark = "something else" if case == "forged" else "qo-workbook throwaway server"
+            (Path(folder) / OWNER_FILE).write_text(json.dumps({"mark": mark, "owner": owner, "child": None}))
+        made[case] = folder
+    try:
+        assert reap_throwaways(owner_pid=os.getpid() + 10**7, wait_s=0) == []  # not that owner's
+        removed = reap_throwaways(wait_s=0)  # any dead owner, as TooManyClients does before it starts
+        assert made["dead"] in removed and not os.path.exists(made["dead"])
+        assert all(os.path.isdir(made[c]) for c in ("alive", "unproven", "forged"))
+    finally:
+        for folder in made.values():
+            shutil.rmtree(folder, ignore_errors=True)
