@@ -114,10 +114,11 @@ def setup(scale: str | None = None, *, quiet: bool = False):
 
     s = settings()
     scale = scale or s.scale
-    before = set(map(id, _engines.values()))
+    ports = {(e.url.username, e.url.database): e.url.port for e in _engines.values()}  # before a restart
     engine = reconnect()
     kernel.install()
-    moved = bool(before) and id(engine) not in before
+    old_port = ports.get((engine.url.username, engine.url.database))
+    moved = old_port is not None and old_port != engine.url.port
     seeded_now = ensure_seeded(engine, scale, progress=not quiet)
     try_create_extension(engine, "pg_stat_statements")  # not allowed on a shared server: chapters check
     if not quiet:
@@ -129,8 +130,9 @@ def setup(scale: str | None = None, *, quiet: bool = False):
         )
     if moved:
         print(
-            "The server came back on another port: use the engine returned now; engines made before "
-            "(make_engine, cells that copied engine.url) still point at the old port: re-run those cells."
+            f"The server came back on port {engine.url.port}, not {old_port}: use the engine returned now; "
+            "engines made before (make_engine, cells that copied engine.url) still point at the old port: "
+            "re-run those cells."
         )
     return engine
 

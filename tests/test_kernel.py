@@ -81,7 +81,7 @@ def test_setup_after_db_stop_reconnects_in_the_same_process(state_dir):
     assert out["same_engine"] and out["same_port"] and out["one"] == 1, out
     # the recorded port was taken: a new engine on the new port, and setup() says so
     assert out["moved_is_new"] and out["moved_port"] and out["two"] == 2, out
-    assert "came back on another port" in after
+    assert "The server came back on port " in after
 
 
 def _cell_error(client, nb, index) -> dict:
