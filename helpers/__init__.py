@@ -103,13 +103,23 @@ def where() -> dict:
 
 
 def setup(scale: str | None = None, *, quiet: bool = False):
-    """First cell of every notebook: server up, data seeded if needed, one line saying where; returns the engine."""
-    from .database import get_engine, try_create_extension
+    """First cell of every notebook: server up, data seeded if needed, one line saying where; returns the engine.
+
+    Run again after the server stopped, it starts the embedded server again and drops the dead
+    pooled connections: the same Engine object comes back (unless the server's port changed).
+    Inside IPython it also registers the short display of a lost connection (``helpers.kernel``).
+    """
+    from . import kernel
+    from .database import _engines, reconnect, try_create_extension
     from .seed import ensure_seeded
 
     s = settings()
     scale = scale or s.scale
-    engine = get_engine()
+    ports = {(e.url.username, e.url.database): e.url.port for e in _engines.values()}  # before a restart
+    engine = reconnect()
+    kernel.install()
+    old_port = ports.get((engine.url.username, engine.url.database))
+    moved = old_port is not None and old_port != engine.url.port
     seeded_now = ensure_seeded(engine, scale, progress=not quiet)
     try_create_extension(engine, "pg_stat_statements")  # not allowed on a shared server: chapters check
     if not quiet:
@@ -118,6 +128,12 @@ def setup(scale: str | None = None, *, quiet: bool = False):
         print(
             f"workbook database: {w['kind']} PostgreSQL {w['server_version']} at {w['url']} "
             f"| scale {scale}, seed {s.seed} ({state})"
+        )
+    if moved:
+        print(
+            f"The server came back on port {engine.url.port}, not {old_port}: use the engine returned now; "
+            "engines made before (make_engine, cells that copied engine.url) still point at the old port: "
+            "re-run those cells."
         )
     return engine
 

@@ -8,6 +8,7 @@ trainees sharing one server each get a database of their own.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import psycopg
@@ -61,10 +62,20 @@ def _database_url_cached(database_url: str | None, db_name: str) -> URL:
     return url
 
 
+_last_url: URL | None = None  # what database_url() last returned (read by helpers.kernel, never starts anything)
+
+
 def database_url() -> URL:
     """The SQLAlchemy URL of the workbook database; starts the embedded server if needed."""
+    global _last_url
     s = settings()
-    return _database_url_cached(s.database_url, s.db_name)
+    _last_url = _database_url_cached(s.database_url, s.db_name)
+    return _last_url
+
+
+def last_url() -> URL | None:
+    """The URL ``database_url()`` last returned in this process, or None (no server started, no connection tried)."""
+    return _last_url
 
 
 def _libpq_kwargs(url: URL) -> dict:
@@ -168,6 +179,23 @@ def get_engine() -> Engine:
     return _engines[key]
 
 
+def reconnect() -> Engine:
+    """Find the workbook database afresh and drop the pooled connections of a server that stopped.
+
+    ``database_url()`` is remembered per process, and a pool keeps its connections: after
+    ``make db-stop`` (or a crash) both point at a server that is gone. This forgets the URL, starts
+    the embedded server again when it is down (on the port it recorded, so the URL is the same), and
+    disposes the pool of every shared Engine. The Engine object stays the same while the URL does,
+    so a learner's ``engine`` variable works again; a new Engine only when the server came back on
+    another port (``setup()`` says so).
+    """
+    _database_url_cached.cache_clear()
+    engine = get_engine()
+    for eng in _engines.values():  # dead connections; checked-out ones are discarded when returned
+        eng.dispose()
+    return engine
+
+
 def make_engine(database: str | None = None, **kw) -> Engine:
     """A new Engine on the workbook database (or ``database`` on the same server) with other options.
 
@@ -229,13 +257,76 @@ def _copy_database(admin, name: str, source: str) -> bool:
     return False
 
 
-def _new_database(admin, name: str, source: str | None) -> bool:
-    """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied."""
+def _new_database(admin, name: str, source: str | None, *, record: bool = True) -> bool:
+    """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied.
+
+    ``record``: note it in the run's record (``RUN_RECORD_ENV``) so ``helpers run`` drops it if the
+    notebook does not (interrupted, failed). The shared template is not recorded: it outlives runs.
+    """
     copied = bool(source) and _copy_database(admin, name, source)
     if not copied:
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
+    if record:
+        _record_created(admin, name)
     return copied
+
+
+# ----------------------------------------------------------------------------- what a run created
+RUN_RECORD_ENV = "WORKBOOK_RUN_RECORD"  # set by `helpers run` for its kernels: a file of JSON lines
+
+
+def _record_created(admin, name: str) -> None:
+    """Append ``{"database", "oid", "pid"}`` to the run's record, when this process runs under ``helpers run``."""
+    path = os.environ.get(RUN_RECORD_ENV)
+    if not path:
+        return
+    row = admin.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"database": name, "oid": int(row[0]), "pid": os.getpid()}) + "\n")
+
+
+def read_run_record(path) -> list[dict]:
+    """The databases a run recorded (``_record_created``); unreadable lines are skipped."""
+    out = []
+    try:
+        lines = open(path).read().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and isinstance(item.get("database"), str) and isinstance(item.get("oid"), int):
+            out.append(item)
+    return out
+
+
+def drop_recorded(records: list[dict]) -> list[str]:
+    """Drop the recorded databases that still exist as created: same OID, still carrying the clone marker.
+
+    A database of that name re-created since (another OID) or not marked is someone else's: left alone.
+    Returns the names dropped. Used by ``helpers run`` once the notebook's kernel is gone.
+    """
+    if not records:
+        return []
+    dropped = []
+    admin_url = database_url().set(database="postgres")
+    with psycopg.connect(**_libpq_kwargs(admin_url), autocommit=True) as conn:
+        conn.execute(
+            "SELECT set_config('lock_timeout', '10s', false)"
+        )  # bounded: reported on the run's line if it expires
+        for item in records:
+            row = conn.execute(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s AND oid = %s",
+                (item["database"], item["oid"]),
+            ).fetchone()
+            if row is None or row[0] != CLONE_COMMENT:
+                continue
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(item["database"])))
+            dropped.append(item["database"])
+    return dropped
 
 
 def _template(admin, base: URL) -> str:
@@ -262,7 +353,7 @@ def _template(admin, base: URL) -> str:
         drop_database(TEMPLATE_SUFFIX)
     for eng in _engines.values():  # our own pooled connections to the source would block the copy
         eng.dispose()
-    if not _new_database(admin, name, base.database):
+    if not _new_database(admin, name, base.database, record=False):
         eng = create_engine(base.set(database=name), poolclass=NullPool)
         try:
             seed.seed(eng, force=True)  # deterministic: the same bytes as the shared database

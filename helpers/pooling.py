@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -433,8 +434,11 @@ class TooManyClients:
     """The throwaway-server demo running in the background: ``.result()`` waits for it (bounded)."""
 
     def __init__(self, max_connections: int = 6, superuser_reserved: int = 3, timeout_s: float = 120):
-        self.state = tempfile.mkdtemp(prefix="wb-pool-")
+        with contextlib.suppress(OSError):
+            reap_throwaways(wait_s=0)  # folders of kernels that died mid-demo (their owner is gone)
+        self.state = tempfile.mkdtemp(prefix=THROWAWAY_PREFIX)
         os.chmod(self.state, 0o755)
+        _write_owner(self.state, child=None)
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "WORKBOOK_PORT")}
         env["WORKBOOK_STATE"] = self.state
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -448,6 +452,7 @@ class TooManyClients:
             cwd=str(REPO_ROOT),
             preexec_fn=_nice_and_die_with_parent,
         )
+        _write_owner(self.state, child=self.process.pid)
 
     def result(self) -> dict:
         """What the throwaway server said (its folder is removed and its server stopped before this returns)."""
@@ -498,3 +503,114 @@ def _stop_leftover(state: str, env: dict) -> None:
                 capture_output=True,
                 timeout=60,
             )
+
+
+# ----------------------------------------------------------------------------- leftovers of a dead kernel
+THROWAWAY_PREFIX = "wb-pool-"
+OWNER_FILE = "owner.json"
+_OWNER_MARK = "qo-workbook throwaway server"
+
+
+def _write_owner(state: str, child: int | None) -> None:
+    """Record who made this folder (this process) and the demo's subprocess, for ``reap_throwaways``."""
+    tmp = os.path.join(state, OWNER_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"mark": _OWNER_MARK, "owner": os.getpid(), "child": child}, fh)
+    os.replace(tmp, os.path.join(state, OWNER_FILE))
+
+
+def _alive(pid: int | None) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _runs_in_env(pid: int, variable: str, value: str) -> bool:
+    """True when process ``pid`` was started with ``variable=value`` (proof that a recorded pid is still
+    the process we started, not a stranger that got the number since)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"{variable}={value}".encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _processes_in(folder: str) -> list[int]:
+    """Processes whose working directory is ``folder`` or below: the throwaway's initdb, pg_ctl,
+    postmaster and backends all run there (a folder already deleted reads as ``... (deleted)``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        cwd = cwd.removesuffix(" (deleted)")
+        if (cwd == folder or cwd.startswith(folder + os.sep)) and _alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _wait_gone(pids, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def reap_throwaways(owner_pid: int | None = None, *, wait_s: float = 60) -> list[str]:
+    """Stop and remove throwaway servers whose owner process is gone; returns the folders removed.
+
+    A folder qualifies only by proof: it is named ``wb-pool-*`` in the temp folder, holds the
+    ``owner.json`` that ``TooManyClients`` wrote, and its owner (the kernel that made it) is dead;
+    with ``owner_pid``, only folders of that owner. Its demo subprocess gets ``wait_s`` seconds to
+    finish its own cleanup (it is told by SIGTERM when its kernel dies), then SIGTERM, and is skipped
+    while it still runs. Then every process working inside the folder (a server half started or
+    half stopped, an initdb) gets SIGINT (PostgreSQL's fast shutdown), SIGKILL after 15 s, and the
+    folder is removed. ``helpers run`` calls this for each notebook's kernel once it is gone.
+    """
+    removed = []
+    root = tempfile.gettempdir()
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not name.startswith(THROWAWAY_PREFIX) or not os.path.isdir(folder) or os.path.islink(folder):
+            continue
+        try:
+            with open(os.path.join(folder, OWNER_FILE)) as fh:
+                owner = json.load(fh)
+        except (OSError, ValueError):
+            continue  # no proof whose it is (or removed meanwhile): left alone
+        if not isinstance(owner, dict) or owner.get("mark") != _OWNER_MARK:
+            continue
+        pid, child = owner.get("owner"), owner.get("child")
+        if not isinstance(pid, int) or (owner_pid is not None and pid != owner_pid) or _alive(pid):
+            continue
+        child = child if isinstance(child, int) and _runs_in_env(child, "WORKBOOK_STATE", folder) else None
+        if child and not _wait_gone([child], wait_s):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGTERM)
+            if not _wait_gone([child], min(wait_s, 30)):
+                continue
+        leftovers = _processes_in(folder)
+        for p in leftovers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGINT)
+        if not _wait_gone(leftovers, 15):
+            for p in leftovers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, signal.SIGKILL)
+            _wait_gone(leftovers, 5)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            if os.path.exists(folder):
+                continue
+            removed.append(folder)
+    return removed

@@ -1,69 +1,325 @@
-"""Headless runs: execute notebooks in order into output/ (executed .ipynb + HTML); strip outputs."""
+"""Headless runs: execute notebooks in order into output/ (executed .ipynb + HTML); strip outputs.
+
+One run at a time per output folder (a lock, ``output/.run.lock``, names the run holding it). Each
+notebook runs in a kernel of its own, driven from a worker thread, so that SIGINT or SIGTERM reaches
+this process at once: the kernel is then interrupted (SIGINT to its process group, as Jupyter's
+interrupt button does), killed if it does not stop within ``STOP_GRACE_S``, and what that notebook
+made and could not remove is removed here, whether the notebook passed, failed or was stopped:
+throwaway servers its kernel owned (``pooling.reap_throwaways``) and the databases it created
+(recorded through ``WORKBOOK_RUN_RECORD``, dropped by ``database.drop_recorded`` only while their
+OID and marker prove they are the ones it made). Exit code 130 after SIGINT, 143 after SIGTERM.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-from .config import REPO_ROOT, output_dir
+from .config import REPO_ROOT, WorkbookError, output_dir
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
+LOCK_NAME = ".run.lock"
+STOP_GRACE_S = 15.0  # after the interrupt, how long the kernel may take to stop before it is killed
 
 
 def notebooks(selected: list[str] | None = None) -> list[Path]:
     if selected:
-        return [Path(p).resolve() for p in selected]
+        paths = [Path(p).resolve() for p in selected]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise WorkbookError(
+                f"No such notebook: {', '.join(missing)}. Name .ipynb files, e.g. notebooks/00_*.ipynb."
+            )
+        return paths
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold the run lock of the output folder, or say which process holds it (WorkbookError)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / LOCK_NAME, "a+")
+    except OSError as exc:
+        raise WorkbookError(
+            f"Cannot write the run lock in {out}: {exc.strerror}. Set WORKBOOK_OUTPUT to a folder you can write."
+        ) from None
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise WorkbookError(
+                f"Another `helpers run` (pid {holder}) is writing to {out}; this run would overwrite its "
+                "notebooks. Wait for it to end (or stop it), or give this run a folder of its own: "
+                "WORKBOOK_OUTPUT=/some/folder python -m helpers run"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
+_pending: list[int] = []  # signals received during the run, in order (the handler only notes them)
+
+
+def _remember(signum, _frame):
+    _pending.append(signum)
+
+
+def _alive(pid: int | None) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped) counts as gone."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _our_kernel(pid: int) -> bool:
+    """The process is a kernel this process started (jupyter_client gives it JPY_PARENT_PID=<us>), not
+    a stranger that got the number after the kernel was reaped."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"JPY_PARENT_PID={os.getpid()}".encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+class _Execution:
+    """One notebook executing in a worker thread; the main thread waits and can stop it."""
+
+    def __init__(self, client):
+        self.client = client
+        self.cell: int | None = None
+        self.kernel_pid: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="helpers-run", daemon=True)
+
+    def _pid(self) -> int | None:
+        if self.kernel_pid is None:
+            provisioner = getattr(self.client.km, "provisioner", None)
+            self.kernel_pid = getattr(provisioner, "pid", None)
+        return self.kernel_pid
+
+    def on_cell_start(self, cell, cell_index):
+        self.cell = cell_index
+        self._pid()
+
+    def _run(self):
+        try:
+            self.client.execute()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+
+    def start(self):
+        self.thread.start()
+
+    def wait(self) -> int | None:
+        """Until the notebook ends (None) or a signal arrives (its number)."""
+        while self.thread.is_alive():
+            if _pending:
+                return _pending[0]
+            self.thread.join(0.2)
+            self._pid()
+        return _pending[0] if _pending else None
+
+    def _signal(self, signum: int) -> None:
+        pid = self._pid()
+        if pid and _alive(pid) and _our_kernel(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signum)  # the kernel leads its own session (jupyter_client starts it so)
+
+    def stop(self) -> None:
+        """Interrupt the kernel; kill it when it has not finished within STOP_GRACE_S (or at a second signal)."""
+        deadline = time.monotonic() + STOP_GRACE_S
+        asked = len(_pending)
+        interrupted = False
+        while self.thread.is_alive() and time.monotonic() < deadline and len(_pending) <= asked:
+            if not interrupted and self._pid():
+                self._signal(signal.SIGINT)
+                interrupted = True
+            self.thread.join(0.2)
+        if self.thread.is_alive():
+            self._signal(signal.SIGKILL)
+            self.thread.join(STOP_GRACE_S)
+
+    def ensure_kernel_gone(self) -> None:
+        pid = self._pid()
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            self._signal(signal.SIGKILL)
+
+
+def _cleanup(kernel_pid: int | None, record: Path) -> list[str]:
+    """Remove what the notebook's kernel made and left behind; one phrase per thing, errors included."""
+    done = []
+    root = tempfile.gettempdir()
+    if kernel_pid and any(n.startswith("wb-pool-") for n in os.listdir(root)):
+        try:
+            from .pooling import reap_throwaways
+
+            done += [f"throwaway server {p}" for p in reap_throwaways(owner_pid=kernel_pid)]
+        except Exception as exc:  # noqa: BLE001 - reported on the run's line, never a traceback
+            done.append(f"could not remove its throwaway server: {_first_line(exc)}")
+    from .database import drop_recorded, read_run_record
+
+    records = read_run_record(record)
+    if records:
+        try:
+            done += [f"database {name}" for name in drop_recorded(records)]
+        except Exception as exc:  # noqa: BLE001
+            names = ", ".join(sorted({r["database"] for r in records}))
+            done.append(f"could not check or drop {names}: {_first_line(exc)}")
+    return done
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _error_line(exc: BaseException) -> str:
+    """``ename: first line of evalue`` for a failed cell; the exception's class and first line otherwise."""
+    ename = getattr(exc, "ename", None)
+    if ename:
+        evalue = (getattr(exc, "evalue", "") or "").strip()
+        return f"{ename}: {evalue.splitlines()[0]}" if evalue else ename
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _error_cell(nb) -> int | None:
+    return next(
+        (
+            i
+            for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and any(o.get("output_type") == "error" for o in c.get("outputs", []))
+        ),
+        None,
+    )
 
 
 def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
     """Execute each notebook top to bottom; stop at the first failure, naming the failing cell."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
-    from nbconvert import HTMLExporter
+    from .database import RUN_RECORD_ENV
 
-    out = output_dir()
-    total0 = time.perf_counter()
-    for path in notebooks(selected):
-        nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(
-            nb,
-            timeout=timeout,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(path.parent)}},
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
-        )
-        t0 = time.perf_counter()
-        print(f"▶ {path.name} ...", end="", flush=True)
-        failed = None
+    paths = notebooks(selected)
+    try:
+        out = output_dir()
+    except OSError as exc:
+        raise WorkbookError(
+            f"Cannot create the output folder {exc.filename}: {exc.strerror}. Set WORKBOOK_OUTPUT to a folder "
+            "you can write."
+        ) from None
+    with output_lock(out):
+        handlers = {}
+        _pending.clear()
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, _remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+        run_dir = Path(tempfile.mkdtemp(prefix="wb-run-"))
+        previous = os.environ.get(RUN_RECORD_ENV)
         try:
-            client.execute()
-        except CellExecutionError as exc:
-            failed = exc
+            return _run_all(paths, out, run_dir, timeout)
         finally:
-            nbformat.write(nb, out / path.name)
-            html, _ = HTMLExporter().from_notebook_node(nb)
-            (out / path.with_suffix(".html").name).write_text(html)
-        if failed is not None:
-            idx = next(
-                (
-                    i
-                    for i, c in enumerate(nb.cells)
-                    if c.cell_type == "code" and any(o.get("output_type") == "error" for o in c.get("outputs", []))
-                ),
-                None,
-            )
-            ename = str(failed).strip().splitlines()[-1] if str(failed).strip() else type(failed).__name__
-            print(f" FAILED in cell {idx} after {time.perf_counter() - t0:.1f}s: {ename}")
-            if idx is not None:
-                print("---- cell source ----\n" + nb.cells[idx].source[:1500])
-            print(f"executed copy: {out / path.name}")
-            return 1
-        print(f" ok in {time.perf_counter() - t0:.1f}s")
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if previous is None:
+                os.environ.pop(RUN_RECORD_ENV, None)
+            else:
+                os.environ[RUN_RECORD_ENV] = previous
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_all(paths: list[Path], out: Path, run_dir: Path, timeout: int) -> int:
+    total0 = time.perf_counter()
+    for path in paths:
+        if _pending:  # between two notebooks: the next one does not start
+            print(f"interrupted ({signal.Signals(_pending[0]).name}) before {path.name}", flush=True)
+            return 128 + _pending[0]
+        print(f"▶ {path.name} ...", end="", flush=True)
+        code = _run_one(path, out, run_dir, timeout)
+        if code:
+            return code
+    if _pending:
+        print(f"interrupted ({signal.Signals(_pending[0]).name}) after the last notebook", flush=True)
+        return 128 + _pending[0]
     print(f"all notebooks ran in {time.perf_counter() - total0:.1f}s; HTML and results in {out}")
     return 0
+
+
+def _run_one(path: Path, out: Path, run_dir: Path, timeout: int) -> int:
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .database import RUN_RECORD_ENV
+
+    nb = nbformat.read(path, as_version=4)
+    record = run_dir / f"{path.stem}.jsonl"
+    os.environ[RUN_RECORD_ENV] = str(record)  # the kernel inherits it: databases it makes are noted there
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+    )
+    run = _Execution(client)
+    client.on_cell_start = run.on_cell_start
+    t0 = time.perf_counter()
+    run.start()
+    stopped_by = run.wait()
+    if stopped_by is not None:
+        run.stop()
+    # signals from here on are only noted: the cleanup and the executed copy finish first (bounded)
+    run.ensure_kernel_gone()
+    cleaned = _cleanup(run.kernel_pid, record)
+    _write_copy(nb, out / path.name)
+    seconds = time.perf_counter() - t0
+    after = f"; removed what it left: {', '.join(cleaned)}" if cleaned else ""
+    if stopped_by is not None:
+        where = f"cell {run.cell}" if run.cell is not None else "kernel start"
+        print(
+            f" interrupted ({signal.Signals(stopped_by).name}) at {where} after {seconds:.1f}s; "
+            f"kernel stopped{after}; partial copy: {out / path.name}",
+            flush=True,
+        )
+        return 128 + stopped_by
+    if run.error is not None:
+        idx = _error_cell(nb)
+        idx = run.cell if idx is None else idx
+        print(f" FAILED in cell {idx} after {seconds:.1f}s: {_error_line(run.error)}{after}")
+        if idx is not None:
+            print("---- cell source ----\n" + nb.cells[idx].source[:1500])
+        print(f"executed copy: {out / path.name}")
+        return 1
+    print(f" ok in {seconds:.1f}s{after}")
+    return 0
+
+
+def _write_copy(nb, target: Path) -> None:
+    """The executed notebook and its HTML, as far as it ran."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nbformat.write(nb, target)
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    target.with_suffix(".html").write_text(html)
 
 
 def strip_outputs(paths: list[str]) -> int:
