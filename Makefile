@@ -66,8 +66,8 @@ test-pg15: venv
 	WORKBOOK_PG_BIN=$(PG15_BIN) $(PY) -m helpers db stop
 
 lint: venv
-	$(PY) -m ruff check helpers tests notebooks migrations conftest.py
-	$(PY) -m ruff format --check helpers tests migrations conftest.py
+	$(PY) -m ruff check helpers tests notebooks migrations
+	$(PY) -m ruff format --check helpers tests migrations
 
 db-start: venv
 	$(PY) -m helpers db start

@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_helpers
 
 UNREACHABLE = "postgresql+psycopg://someone:secret@127.0.0.1:1/workbook"

@@ -12,10 +12,9 @@ import textwrap
 
 import nbformat
 import pytest
+from conftest import REPO
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
-
-from conftest import REPO
 
 PRIVATE = ("DATABASE_URL", "WORKBOOK_DB", "WORKBOOK_PORT", "WORKBOOK_STATE")
 

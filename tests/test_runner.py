@@ -15,8 +15,8 @@ from pathlib import Path
 import nbformat
 import psycopg
 import pytest
-
 from conftest import REPO, run_helpers
+
 from helpers import is_embedded, psycopg_conninfo
 from helpers.runner import output_lock, run_notebooks
 

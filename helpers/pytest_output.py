@@ -1,4 +1,4 @@
-"""Every pytest run (``make test``, nbmake, a single test) writes its artifacts into a scratch folder.
+"""A pytest plugin (loaded by pyproject's addopts): every pytest run (``make test``, nbmake, a single test) writes its artifacts into a scratch folder.
 
 ``output/`` belongs to ``make run``: one run, one set of artifacts. Notebooks executed under nbmake
 inherit ``WORKBOOK_OUTPUT`` from this process, so their plots and results land in the scratch
