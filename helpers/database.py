@@ -203,13 +203,16 @@ def _copy_database(admin, name: str, source: str) -> bool:
     return False
 
 
-def _new_database(admin, name: str, source: str | None) -> bool:
-    """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied."""
+def _new_database(admin, name: str, source: str | None, *, mine: bool = True) -> bool:
+    """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied.
+
+    ``mine``: record it as this process's (``helpers.scratch``); False for the shared template.
+    """
     copied = bool(source) and _copy_database(admin, name, source)
     if not copied:
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
-    if not name.endswith(f"_{TEMPLATE_SUFFIX}"):  # the shared template belongs to no process
+    if mine:  # the shared template belongs to no process
         from .scratch import remember_database
 
         remember_database(admin, name, CLONE_COMMENT)
@@ -282,7 +285,7 @@ def _template(admin, base: URL) -> str:
         _drop_stamped(admin, name)
     for eng in _engines.values():  # our own pooled connections to the source would block the copy
         eng.dispose()
-    if not _new_database(admin, name, base.database):
+    if not _new_database(admin, name, base.database, mine=False):
         eng = create_engine(base.set(database=name), poolclass=NullPool)
         try:
             seed.seed(eng, force=True)  # deterministic: the same bytes as the shared database

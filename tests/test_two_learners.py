@@ -209,6 +209,38 @@ def test_leftovers_without_the_stamp_are_never_dropped(engine):
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
+@pytest.mark.slow
+def test_two_kernels_making_the_shared_template_at_once(engine):
+    """``<db>_tpl`` is made once, under an advisory lock: two first clones at the same time both succeed."""
+    from helpers.database import TEMPLATE_SUFFIX, _drop_stamped
+
+    with _admin() as admin:
+        _drop_stamped(admin, f"{database_url().database}_{TEMPLATE_SUFFIX}")  # both kernels must make it
+    code = """
+        from sqlalchemy import text
+        from helpers import clone_database, drop_database, setup
+        setup(quiet=True)
+        eng = clone_database("twin")
+        with eng.connect() as conn:
+            print(eng.url.database, conn.execute(text("SELECT count(*) FROM users")).scalar(), flush=True)
+        eng.dispose()
+        assert drop_database("twin")
+    """
+    procs = [_python(code) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out.split())
+    with engine.connect() as conn:
+        users = conn.execute(text("SELECT count(*) FROM users")).scalar()
+    assert outs[0][0] != outs[1][0] and outs[0][1] == outs[1][1] == str(users)
+    with _admin() as admin:
+        names = [outs[0][0], outs[1][0], f"{database_url().database}_{TEMPLATE_SUFFIX}"]
+        left = [r[0] for r in admin.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)", (names,))]
+    assert left == [names[2]], left  # the clones are gone, the one shared template stays
+
+
 # ----------------------------------------------------------------------------- two trainees, one database
 CHAPTERS = ["02_explain_and_indexes.ipynb", "03_transactions_and_locking.ipynb"]
 NB_TIMEOUT = 1500  # per notebook: two kernels share 2 cores with other people's work
