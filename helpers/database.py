@@ -257,19 +257,65 @@ def _copy_database(admin, name: str, source: str) -> bool:
     return False
 
 
-def _new_database(admin, name: str, source: str | None, *, record: bool = True) -> bool:
+def _new_database(admin, name: str, source: str | None, *, mine: bool = True) -> bool:
     """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied.
 
-    ``record``: note it in the run's record (``RUN_RECORD_ENV``) so ``helpers run`` drops it if the
-    notebook does not (interrupted, failed). The shared template is not recorded: it outlives runs.
+    ``mine``: record it as this process's (``helpers.scratch``), and in the run's record
+    (``RUN_RECORD_ENV``) so ``helpers run`` drops it if the notebook does not (interrupted, failed).
+    False for the shared template: it belongs to no process and outlives runs.
     """
     copied = bool(source) and _copy_database(admin, name, source)
     if not copied:
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
-    if record:
+    if mine:  # the shared template belongs to no process
+        from .scratch import remember_database
+
+        remember_database(admin, name, CLONE_COMMENT)
         _record_created(admin, name)
     return copied
+
+
+def database_name(suffix: str) -> str:
+    """The name of this kernel's database for ``suffix``: ``<workbook db>_<suffix>_<scratch_suffix()>``.
+
+    Per kernel, so two learners (or one learner's two kernels) on one server never share it.
+    """
+    from .scratch import scratch_name
+
+    if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix or suffix == TEMPLATE_SUFFIX:
+        raise ValueError(
+            f"suffix must be lower-case letters, digits, underscores (not {TEMPLATE_SUFFIX!r}): {suffix!r}"
+        )
+    return scratch_name(f"{database_url().database}_{suffix}")
+
+
+_TEMPLATE_WAIT = "10min"  # making the template seeds it afresh at worst: minutes at `large`
+
+
+def _lock_template(admin) -> None:
+    """Take the template maker's advisory lock, waiting at most ``_TEMPLATE_WAIT``; name the holder if not."""
+    admin.execute("SELECT set_config('lock_timeout', %s, false)", (_TEMPLATE_WAIT,))
+    try:
+        admin.execute("SELECT pg_advisory_lock(%s)", (_CLONE_LOCK,))
+    except psycopg.errors.LockNotAvailable:
+        holder = admin.execute(
+            "SELECT a.pid, a.application_name, a.state, a.query_start FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.objid = %s",
+            (_CLONE_LOCK & 0xFFFFFFFF,),
+        ).fetchone()
+        who = (
+            f"session pid {holder[0]} ({holder[1] or 'no application_name'}, {holder[2]}, since {holder[3]})"
+            if holder
+            else "another session"
+        )
+        raise WorkbookError(
+            f"Waited {_TEMPLATE_WAIT} for {who}, which is making the template of the seeded database. Nothing was "
+            "changed. Try again when it is done, or end that session (SELECT pg_terminate_backend(pid))."
+        ) from None
+    finally:
+        admin.execute("SELECT set_config('lock_timeout', '0', false)")
 
 
 # ----------------------------------------------------------------------------- what a run created
@@ -350,10 +396,10 @@ def _template(admin, base: URL) -> str:
             eng.dispose()
         if fresh:
             return name
-        drop_database(TEMPLATE_SUFFIX)
+        _drop_stamped(admin, name)
     for eng in _engines.values():  # our own pooled connections to the source would block the copy
         eng.dispose()
-    if not _new_database(admin, name, base.database, record=False):
+    if not _new_database(admin, name, base.database, mine=False):
         eng = create_engine(base.set(database=name), poolclass=NullPool)
         try:
             seed.seed(eng, force=True)  # deterministic: the same bytes as the shared database
@@ -363,22 +409,21 @@ def _template(admin, base: URL) -> str:
 
 
 def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
-    """A database of the chapter's own, ``<workbook db>_<suffix>``, holding a copy of the seeded data.
+    """A database of the kernel's own, ``<workbook db>_<suffix>_<kernel>``, holding a copy of the seeded data.
 
     Chapters that change schema or data (migrations, tests) work here, never in the shared
-    database. Re-created on every call (only a database the workbook created is ever dropped).
-    Copied with ``CREATE DATABASE ... TEMPLATE`` from an idle template of the seeded database,
-    made once (see ``_template``). Needs CREATEDB on a shared server.
+    database. The name ends with ``scratch_suffix()`` (see ``helpers.scratch``): two kernels never share
+    it; ``engine.url.database`` tells it. Re-created on every call (only a database this process created
+    is ever dropped). Copied with ``CREATE DATABASE ... TEMPLATE`` from an idle template of the seeded
+    database, ``<db>_tpl``, shared and made once (see ``_template``). Needs CREATEDB on a shared server.
     """
-    if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix or suffix == TEMPLATE_SUFFIX:
-        raise ValueError(
-            f"suffix must be lower-case letters, digits, underscores (not {TEMPLATE_SUFFIX!r}): {suffix!r}"
-        )
+    name = database_name(suffix)
     base = database_url()
-    name = f"{base.database}_{suffix}"
     drop_database(suffix)
-    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as admin:
-        admin.execute("SELECT pg_advisory_lock(%s)", (_CLONE_LOCK,))  # one template maker at a time
+    with psycopg.connect(
+        **_libpq_kwargs(base.set(database="postgres")), autocommit=True, application_name="wb_clone_template"
+    ) as admin:
+        _lock_template(admin)  # one template maker at a time, server-wide
         try:
             template = _template(admin, base)
             copied = _new_database(admin, name, template)
@@ -396,12 +441,12 @@ _CLONE_LOCK = 0x514F5743
 
 
 def empty_database(suffix: str, **engine_kw) -> Engine:
-    """A new, EMPTY database ``<workbook db>_<suffix>`` of the workbook's own (re-created on each call).
+    """A new, EMPTY database ``<workbook db>_<suffix>_<kernel>`` of this kernel's own (re-created on each call).
 
     For migration tests, test runs and benchmarks; ``drop_database(suffix)`` removes it.
     """
+    name = database_name(suffix)
     base = database_url()
-    name = f"{base.database}_{suffix}"
     drop_database(suffix)
     with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as admin:
         _new_database(admin, name, None)
@@ -421,22 +466,46 @@ def try_create_extension(engine: Engine, name: str) -> bool:
 
 
 def drop_database(suffix: str) -> bool:
-    """Drop ``<workbook db>_<suffix>`` if (and only if) ``clone_database`` created it."""
+    """Drop this kernel's ``<workbook db>_<suffix>_<kernel>`` if (and only if) this process created it.
+
+    False when it does not exist. A database of that name this process did not create (or whose OID or
+    stamp changed since) raises WorkbookError and is left untouched.
+    """
+    from .scratch import database_record, forget_database
+
+    name = database_name(suffix)
     base = database_url()
-    name = f"{base.database}_{suffix}"
     with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
         row = conn.execute(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+            "SELECT oid, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
         ).fetchone()
         if row is None:
+            forget_database(name)
             return False
-        if row[0] != CLONE_COMMENT:
+        made = database_record(name)
+        if row[1] != CLONE_COMMENT or made is None or made.oid != int(row[0]):
             raise WorkbookError(
-                f"Database {name!r} exists but was not created by the workbook; it was left untouched. "
-                "Drop or rename it yourself, or set WORKBOOK_DB to another name."
+                f"Database {name!r} exists but was not created by the workbook in this kernel; it was left "
+                "untouched. Drop or rename it yourself, or set WORKBOOK_DB to another name."
             )
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    forget_database(name)
     return True
+
+
+def _drop_stamped(admin, name: str) -> None:
+    """Drop the shared template ``name`` (it carries the clone stamp; nobody works in it)."""
+    row = admin.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
+    if row is None:
+        return
+    if row[0] != CLONE_COMMENT:
+        raise WorkbookError(
+            f"Database {name!r} exists but was not created by the workbook; it was left untouched. "
+            "Drop or rename it yourself, or set WORKBOOK_DB to another name."
+        )
+    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 _PRELOADED = {"pg_stat_statements", "auto_explain"}

@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -331,53 +330,30 @@ def terminate_backends(engine: Engine, application_name: str) -> int:
     return int(n)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _drop_stale_roles(conn: psycopg.Connection) -> None:
-    """Drop roles this module made in processes that are gone (a crashed run), if nobody uses them."""
-    names = [
-        r[0]
-        for r in conn.execute(
-            "SELECT rolname FROM pg_roles r WHERE rolname LIKE %s AND NOT EXISTS "
-            "(SELECT 1 FROM pg_stat_activity a WHERE a.usename = r.rolname)",
-            (ROLE_PREFIX + "%",),
-        )
-    ]
-    for name in names:
-        m = re.fullmatch(re.escape(ROLE_PREFIX) + r"(\d+)", name)
-        if m and not _pid_alive(int(m.group(1))):
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-
-
 @contextlib.contextmanager
 def limited_role(limit: int = 2):
-    """A LOGIN role of our own with CONNECTION LIMIT ``limit``; yields its URL; drops it afterwards."""
-    name = f"{ROLE_PREFIX}{os.getpid()}"
+    """A LOGIN role of this kernel's own with CONNECTION LIMIT ``limit``; yields its URL; drops it afterwards.
+
+    Named ``wb_pool_limited_<kernel>`` (``helpers.scratch``: roles are server-wide, so two trainees'
+    kernels must not share one), stamped, and dropped only as the role this process created. A killed
+    kernel's role is removed by ``python -m helpers reset``.
+    """
+    from .scratch import create_role, drop_role
+
     pw = secrets.token_urlsafe(16)
     conninfo = psycopg_conninfo()
     with psycopg.connect(**conninfo, autocommit=True) as conn:
-        _drop_stale_roles(conn)
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CONNECTION LIMIT {} PASSWORD {}").format(
-                sql.Identifier(name), sql.Literal(limit), sql.Literal(pw)
-            )
+        name = create_role(
+            conn,
+            ROLE_PREFIX.rstrip("_"),
+            sql.SQL("LOGIN NOSUPERUSER CONNECTION LIMIT {} PASSWORD {}").format(sql.Literal(limit), sql.Literal(pw)),
         )
     try:
         yield database_url().set(username=name, password=pw)
     finally:
         with psycopg.connect(**conninfo, autocommit=True) as conn:
             conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = %s", (name,))
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+            drop_role(conn, name)
 
 
 # ----------------------------------------------------------------------------- a throwaway server of our own

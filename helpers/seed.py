@@ -376,18 +376,23 @@ def check_owned(conn, force: bool = False) -> None:
 
 
 def lab_schema(engine: Engine, name: str) -> str:
-    """Create (if missing) a scratch schema ``wb_<name>`` that the workbook owns; returns its name.
+    """Create (if missing) this kernel's scratch schema ``wb_<name>_<kernel>``; returns its name.
 
     Chapters that create tables of their own put them here, so they never touch the seeded
-    data and ``reset`` can drop them without touching anything else.
+    data, two kernels never share one (the suffix is ``helpers.scratch.scratch_suffix()``), and
+    ``drop_lab_schema(engine, schema)`` (at the end of the notebook) or ``reset`` (a kernel that is
+    gone) can drop them without touching anything else.
     """
-    schema = f"wb_{name}"
+    from .scratch import remember_schema, scratch_name
+
+    schema = scratch_name(f"wb_{name}")
     if not schema.replace("_", "").isalnum():
         raise ValueError(f"schema name must be alphanumeric: {name!r}")
     with engine.begin() as conn:
         raw = conn.connection.driver_connection
         raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         raw.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(sql.Identifier(schema), sql.Literal(OWNER_COMMENT)))
+        remember_schema(conn, schema)  # proof that this process created it, for drop_lab_schema
     return schema
 
 
@@ -615,10 +620,14 @@ def ensure_seeded(engine: Engine, scale: str | None = None, *, progress: bool = 
 
 
 def reset(engine: Engine, *, force: bool = False, scale: str | None = None, progress: bool = False) -> dict:
-    """Drop everything the workbook owns (tables, marker, scratch schemas) and seed again."""
+    """Drop everything the workbook owns (tables, marker, scratch objects of kernels that are gone); seed again."""
+    from .scratch import drop_leftovers
+
     with engine.begin() as conn:
         check_owned(conn, force)
-        _drop_owned(conn, schemas=True)
+        _drop_owned(conn, schemas=False)
+    # scratch schemas, clones and roles of kernels that are gone; those of live kernels stay
+    drop_leftovers(engine.url, progress=progress)
     return seed(engine, scale, force=force, progress=progress)
 
 

@@ -7,7 +7,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy import text
 
-from helpers import WorkbookError, clone_database, drop_database
+from helpers import WorkbookError, clone_database, database_name, drop_database
 from helpers.database import _libpq_kwargs, database_url
 
 
@@ -15,7 +15,7 @@ def test_clone_is_a_private_copy(engine):
     clone = clone_database("t_clone")
     try:
         with clone.begin() as c:
-            assert c.execute(text("SELECT current_database()")).scalar().endswith("_t_clone")
+            assert c.execute(text("SELECT current_database()")).scalar() == database_name("t_clone")
             n = c.execute(text("SELECT count(*) FROM posts")).scalar()
             c.execute(text("DELETE FROM comments"))
         with engine.connect() as c:
@@ -29,7 +29,7 @@ def test_clone_is_a_private_copy(engine):
 
 def test_drop_database_refuses_what_the_workbook_did_not_create(engine):
     base = database_url()
-    name = f"{base.database}_t_foreign"
+    name = database_name("t_foreign")  # the name this kernel would use, taken by someone else
     admin = _libpq_kwargs(base.set(database="postgres"))
     with psycopg.connect(**admin, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))

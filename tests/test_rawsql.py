@@ -1,6 +1,6 @@
 """Chapter 07 (raw SQL vs ORM): report variants, identifier allow-list, injection, bulk benchmarks, plans.
 
-Writes go to the scratch schema ``wb_rawsql_test`` (not the notebook's ``wb_rawsql``), so the
+Writes go to the scratch schema ``wb_rawsql_test_<process>`` (its own name, like every kernel's), so the
 tests and the notebook can run at the same time; the seeded tables are only read.
 """
 
@@ -12,7 +12,7 @@ from psycopg import sql as pgsql
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from helpers import bulk, psycopg_conninfo, setup
+from helpers import bulk, drop_lab_schema, psycopg_conninfo, scratch_suffix, setup
 from helpers.models import Order, User
 
 TAUTOLOGY = "x' OR 'a' = 'a"
@@ -27,11 +27,9 @@ def engine():
 @pytest.fixture(scope="module")
 def scratch(engine):
     eng = bulk.scratch_engine(engine, "rawsql_test")
-    assert bulk.create_scratch(eng) == "wb_rawsql_test"
+    assert bulk.create_scratch(eng) == f"wb_rawsql_test_{scratch_suffix()}"
     yield eng
-    bulk.ScratchBase.metadata.drop_all(eng)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA IF EXISTS wb_rawsql_test"))
+    assert drop_lab_schema(engine, bulk.schema_of(eng))
 
 
 def _items(scratch) -> list[tuple]:
@@ -192,4 +190,4 @@ def test_explain_lines_renders_bound_parameters(engine):
 
 def test_copy_statement_is_composed_with_identifiers(scratch):
     q = pgsql.SQL("COPY {} (name, value) FROM STDIN").format(bulk._qualified(scratch, "items"))
-    assert q.as_string() == 'COPY "wb_rawsql_test"."items" (name, value) FROM STDIN'
+    assert q.as_string() == f'COPY "wb_rawsql_test_{scratch_suffix()}"."items" (name, value) FROM STDIN'
