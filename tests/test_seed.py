@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_helpers
 from psycopg import sql
 from sqlalchemy import text
 
-from conftest import run_helpers
 from helpers import make_engine, seed
 from helpers.models import TABLES, Base
 
