@@ -128,7 +128,7 @@ def test_sigint_stops_the_run_in_one_line_and_removes_what_the_notebook_made(eng
 
     proc = _run_until(tmp_path, nb, half_built)
     folder = marker.read_text()
-    assert _databases("%_t_runint"), "the clone database exists before the interrupt"
+    assert _databases(r"%\_t\_runint\_%"), "the clone database exists before the interrupt"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=180)
@@ -139,7 +139,7 @@ def test_sigint_stops_the_run_in_one_line_and_removes_what_the_notebook_made(eng
     assert "database " in line and "t_runint" in line, line
     assert not os.path.exists(folder), f"{folder} was left behind"
     assert not _working_in(folder), "a process of the throwaway server still runs"
-    assert not _databases("%_t_runint"), "the clone database was left behind"
+    assert not _databases(r"%\_t\_runint\_%"), "the clone database was left behind"
     assert time.monotonic() - t0 < 90
 
 
@@ -156,7 +156,7 @@ def test_sigterm_stops_the_run_and_drops_its_database(engine, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out, err)
     assert "interrupted (SIGTERM) at cell 1" in out and "Traceback" not in out + err, (out, err)
-    assert not _databases("%_t_runterm")
+    assert not _databases(r"%\_t\_runterm\_%")
 
 
 def test_only_throwaway_folders_proven_orphaned_are_removed():
