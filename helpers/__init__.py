@@ -49,6 +49,7 @@ _LAZY = {
     "pgbouncer": "helpers.pgbouncer",
     "latency": "helpers.latency",
     "exercises": "helpers.exercises",
+    "bounded": "helpers.waits",  # every wait has a limit; names the blocker when it expires
 }
 
 
@@ -158,4 +159,5 @@ __all__ = [
     "monitoring",
     "schema_database",
     "copied_database",
+    "bounded",
 ]
