@@ -21,12 +21,14 @@ The default limit is 5 s; ``WORKBOOK_LOCK_TIMEOUT`` (a PostgreSQL duration such 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import text
 
 from .config import WorkbookError
@@ -78,9 +80,9 @@ def default_lock_timeout() -> str:
 class _Watcher(threading.Thread):
     """Samples ``pg_blocking_pids(pid)`` from a connection of its own while the block runs."""
 
-    def __init__(self, url, pid: int):
+    def __init__(self, target, pid: int):
         super().__init__(daemon=True, name=f"qo-workbook wait watcher {pid}")
-        self.url, self.pid = url, pid
+        self.target, self.pid = target, pid
         self.stop = threading.Event()
         self.blockers: list[Blocker] = []
         self.error: str | None = None
@@ -91,7 +93,7 @@ class _Watcher(threading.Thread):
         from .database import _libpq_kwargs
 
         try:
-            kwargs = _libpq_kwargs(self.url)
+            kwargs = dict(self.target) if isinstance(self.target, dict) else _libpq_kwargs(self.target)
             kwargs["application_name"] = "qo-workbook wait watcher"
             kwargs.setdefault("connect_timeout", 5)
             with psycopg.connect(**kwargs, autocommit=True) as conn:
@@ -123,6 +125,40 @@ def _timeout_kind(exc: BaseException) -> str | None:
     return None
 
 
+class _Conn:
+    """One interface over a SQLAlchemy Connection or Session, or a psycopg Connection."""
+
+    def __init__(self, conn):
+        from sqlalchemy.orm import Session
+
+        if isinstance(conn, Session):
+            conn = conn.connection()  # the Connection of the session's transaction
+        self.conn = conn
+        self.raw = isinstance(conn, psycopg.Connection)
+
+    def scalar(self, query: str, params: dict):
+        if self.raw:
+            return self.conn.execute(re.sub(r":(\w+)", r"%(\1)s", query), params).fetchone()[0]
+        return self.conn.execute(text(query), params).scalar()
+
+    def in_transaction(self) -> bool:
+        if self.raw:
+            return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        return self.conn.in_transaction()
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def watcher_target(self):
+        """What the watcher connects with: a SQLAlchemy URL, or psycopg keyword arguments."""
+        if not self.raw:
+            return self.conn.engine.url
+        kwargs = conninfo_to_dict(self.conn.info.dsn)
+        if self.conn.info.password:
+            kwargs["password"] = self.conn.info.password
+        return kwargs
+
+
 @contextmanager
 def bounded(
     conn,
@@ -132,7 +168,8 @@ def bounded(
     statement_timeout: str | None = None,
     session: bool = False,
 ) -> Iterator[None]:
-    """Bound every wait of the statements run inside on ``conn`` (a SQLAlchemy Connection).
+    """Bound every wait of the statements run inside on ``conn``: a SQLAlchemy Connection or ORM
+    Session, or a psycopg Connection.
 
     ``lock_timeout`` (default: ``default_lock_timeout()``, 5 s) and ``statement_timeout`` (default: none)
     are set with ``set_config(..., true)``, local to the current transaction; ``session=True``
@@ -144,20 +181,23 @@ def bounded(
         with engine.begin() as conn, bounded(conn, "dropping my table"):
             conn.execute(text("DROP TABLE IF EXISTS wb_topic.t"))
     """
+    c = _Conn(conn)
+    if c.raw and conn.autocommit:
+        session = True  # every statement is its own transaction: a transaction-local setting would not last
     limit = lock_timeout or default_lock_timeout()
     settings = {"lock_timeout": limit}
     if statement_timeout:
         settings["statement_timeout"] = statement_timeout
-    outside = session and not conn.in_transaction()  # then the session settings commit on their own
-    pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    outside = session and not c.in_transaction()  # then the session settings commit on their own
+    pid = c.scalar("SELECT pg_backend_pid()", {})
     previous = {}
     if session:
-        previous = {k: conn.execute(text("SELECT current_setting(:k)"), {"k": k}).scalar() for k in settings}
+        previous = {k: c.scalar("SELECT current_setting(:k)", {"k": k}) for k in settings}
     for name, value in settings.items():
-        conn.execute(text("SELECT set_config(:k, :v, :local)"), {"k": name, "v": value, "local": not session})
+        c.scalar("SELECT set_config(:k, :v, :local)", {"k": name, "v": value, "local": not session})
     if outside:
-        conn.commit()
-    watcher = _Watcher(conn.engine.url, pid)
+        c.commit()
+    watcher = _Watcher(c.watcher_target(), pid)
     watcher.start()
     try:
         yield
@@ -173,9 +213,9 @@ def bounded(
         watcher.join()
     if session:
         for name, value in previous.items():
-            conn.execute(text("SELECT set_config(:k, :v, false)"), {"k": name, "v": value})
+            c.scalar("SELECT set_config(:k, :v, false)", {"k": name, "v": value})
         if outside:
-            conn.commit()
+            c.commit()
 
 
 def _message(what: str, kind: str, settings: dict[str, str], watcher: _Watcher) -> str:

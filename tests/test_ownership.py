@@ -276,6 +276,34 @@ def test_bounded_names_the_blocker_and_rolls_back(scratch_db):
         eng.dispose()
 
 
+@pytest.mark.parametrize("kind", ["orm_session", "psycopg", "psycopg_autocommit"])
+def test_bounded_takes_a_session_or_a_psycopg_connection(scratch_db, kind):
+    from sqlalchemy.orm import Session
+
+    from helpers import bounded
+
+    db = scratch_db("own_bounded_kinds")
+    eng = make_engine(database=db)
+    try:
+        with eng.begin() as c:
+            c.execute(text("CREATE TABLE t (x int)"))
+        with _connect(db, app="holder", autocommit=False) as holder:
+            holder.execute("SELECT * FROM t")
+            pid = holder.info.backend_pid
+            with pytest.raises(LockWaitTimeout) as err:
+                if kind == "orm_session":
+                    with Session(eng) as s, s.begin(), bounded(s, "Dropping t", lock_timeout="300ms"):
+                        s.execute(text("DROP TABLE t"))
+                else:
+                    with _connect(db, autocommit=kind == "psycopg_autocommit") as conn:
+                        with bounded(conn, "Dropping t", lock_timeout="300ms"):
+                            conn.execute("DROP TABLE t")
+            holder.rollback()
+        assert [b.pid for b in err.value.blockers] == [pid]
+    finally:
+        eng.dispose()
+
+
 def test_every_migration_revision_is_bounded(scratch_db):
     """env.py bounds revisions that set no limit of their own (0007's VALIDATE here)."""
     from alembic import command
