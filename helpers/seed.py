@@ -748,7 +748,7 @@ def seed(
     private = MetaData()
     tables = [t.to_metadata(private) for t in models.Base.metadata.sorted_tables]
     fks = [fk for t in tables for fk in t.foreign_key_constraints]
-    bar = _progress(len(LOADS) + 3, progress, f"seed {scale}")
+    bar = None  # shown once the guard has let the seed through
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     lane_pids: set[int] = set()  # backends of the running lanes: cancelled on Ctrl-C
@@ -764,6 +764,7 @@ def seed(
                 marker_id = own.marker_id or uuid.uuid4().hex[:12]
                 _write_marker(conn, marker_id, scale, seed_value, own.schemas)
             dropped = True
+            bar = _progress(len(LOADS) + 3, progress, f"seed {scale}")
             if bar:
                 bar.update(1)
 

@@ -228,11 +228,8 @@ def _message(what: str, kind: str, settings: dict[str, str], watcher: _Watcher) 
     lines = [head + " Its transaction was rolled back."]
     if watcher.blockers:
         lines.append("Blocked by " + "; ".join(b.describe() for b in watcher.blockers) + ".")
-        pids = ", ".join(str(b.pid) for b in watcher.blockers)
-        lines.append(
-            f"End it: finish that session's transaction (COMMIT or ROLLBACK), or run "
-            f"SELECT pg_terminate_backend(pid) for pid {pids}; then try again."
-        )
+        ends = " ".join(f"SELECT pg_terminate_backend({b.pid});" for b in watcher.blockers)
+        lines.append(f"End it: finish that session's transaction (COMMIT or ROLLBACK), or run {ends} Then try again.")
     elif kind == "lock":
         why = f" (the watcher could not look: {watcher.error})" if watcher.error else ""
         lines.append(

@@ -236,7 +236,7 @@ def test_a_session_reading_users_stops_the_seed_within_the_limit_and_is_named(sc
         holder.rollback()
     assert res.returncode != 0, res.stdout + res.stderr
     assert f"pid {pid}" in res.stderr and "'precious psql'" in res.stderr, res.stderr
-    assert "idle in transaction" in res.stderr and f"pg_terminate_backend(pid) for pid {pid}" in res.stderr
+    assert "idle in transaction" in res.stderr and f"SELECT pg_terminate_backend({pid});" in res.stderr
     _assert_short(res)
     assert elapsed < 20, f"{elapsed:.1f} s: a 1 s lock_timeout plus starting Python"
     eng = make_engine(database=db)
