@@ -6,9 +6,11 @@ scale and seed give byte-identical tables on every run and every server. Skew is
 a few users own many posts (density ~ 1/sqrt(rank)), some posts are soft-deleted, and
 ``users.country`` determines ``users.region`` (a correlated pair for the planner lessons).
 
-The workbook owns: the tables of ``helpers.models``, ``workbook_meta`` (the marker) and
-schemas commented ``qo-workbook`` (chapters' scratch schemas, see ``lab_schema``). Seeding and
-resets refuse to run in a database holding anything else, unless ``force=True``.
+The workbook owns only what it can prove it created (``ownership``): the marker ``workbook_meta``
+records the OID of every table the seed created and of every scratch schema ``lab_schema``
+created, and each carries the marker's stamp as its comment; a name is no proof. Seeding and
+resets refuse to run in a database holding anything else; ``force=True`` seeds beside foreign
+tables but never drops one, and refuses when one has the name of a workbook table.
 """
 
 from __future__ import annotations
@@ -913,6 +915,10 @@ def _interrupted(engine: Engine, dropped: bool) -> SeedInterrupted:
         own = ownership(conn)
         loaded = {oid: n for oid, n in own.tables.items() if n != MARKER_TABLE}
         _drop_owned(conn, Ownership(marker_id=own.marker_id, tables=loaded), schemas=False)
+        if own.marker_id:  # interrupted even after the last step: say incomplete all the same
+            marker = sql.Identifier(MARKER_TABLE)
+            _x(conn, sql.SQL("UPDATE {} SET value = 'false' WHERE key = 'complete'").format(marker))
+            _x(conn, sql.SQL("DELETE FROM {} WHERE key = 'seeded_at'").format(marker))
     return SeedInterrupted(
         f"interrupted, nothing kept: the tables this seed had loaded ({len(loaded)}) were dropped, and "
         f"{MARKER_TABLE} says the seed is incomplete. The previous data had been dropped when the seed "
