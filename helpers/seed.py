@@ -44,6 +44,7 @@ MARKER_TABLE = "workbook_meta"
 OWNER_COMMENT = "qo-workbook"
 GENERATOR_VERSION = "4"
 _LOCK_KEY = 0x514F5742  # pg_advisory_lock key serialising seeders of one database
+_SCHEMA_LOCK_KEY = 0x514F5753  # pg_advisory_xact_lock key serialising lab_schema calls (one database)
 
 
 @dataclass(frozen=True)
@@ -624,7 +625,7 @@ def lab_schema(engine: Engine, name: str) -> str:
     if not schema.replace("_", "").isalnum():
         raise ValueError(f"schema name must be alphanumeric: {name!r}")
     with engine.begin() as conn, bounded(conn, f"Creating the scratch schema {schema}"):
-        _x(conn, "SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY + 1,))  # one creator at a time
+        _x(conn, "SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))  # one creator at a time
         own = _adopt_legacy(conn, ownership(conn))
         if schema in own.schemas.values():
             return schema
