@@ -644,6 +644,26 @@ def lab_schema(engine: Engine, name: str) -> str:
     return schema
 
 
+def drop_lab_schema(engine: Engine, name: str) -> bool:
+    """Drop the scratch schema ``wb_<name>`` (with what the chapter put in it) if the workbook can
+    prove it created it; False when there is none. A ``wb_<name>`` it cannot prove is refused."""
+    schema = f"wb_{name}"
+    with engine.begin() as conn, bounded(conn, f"Dropping the scratch schema {schema}"):
+        own = ownership(conn)
+        mine = {oid: n for oid, n in own.schemas.items() if n == schema}
+        if not mine:
+            if _x(conn, "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+                raise WorkbookError(
+                    f"Schema {schema} exists but the workbook did not create it; it was left untouched."
+                )
+            return False
+        _drop_owned(
+            conn, Ownership(marker_id=own.marker_id, tables=own.tables, schemas=mine), schemas=True, tables=False
+        )
+        _x(conn, sql.SQL("DELETE FROM {} WHERE key = %s").format(sql.Identifier(MARKER_TABLE)), (f"schema:{schema}",))
+    return True
+
+
 def seeded_info(engine: Engine) -> dict | None:
     """The marker's contents (scale, seed, schema_version, ...) or None when not seeded."""
     with engine.connect() as conn:
@@ -663,13 +683,13 @@ def is_seeded(engine: Engine, scale: str, seed: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- seeding
-def _drop_owned(conn, own: Ownership, schemas: bool) -> None:
+def _drop_owned(conn, own: Ownership, schemas: bool, tables: bool = True) -> None:
     """Drop the tables (and, with ``schemas``, the scratch schemas) ``own`` proves are the workbook's.
 
     Tables are dropped without CASCADE: a foreign object depending on one (a view, a foreign key)
     stops the drop with a message instead of disappearing with it.
     """
-    names = [sql.Identifier("public", n) for n in own.tables.values()]
+    names = [sql.Identifier("public", n) for n in own.tables.values()] if tables else []
     try:
         if names:
             _x(conn, sql.SQL("DROP TABLE {}").format(sql.SQL(", ").join(names)))

@@ -134,6 +134,27 @@ def test_an_existing_schema_of_a_scratch_name_is_not_taken_over(scratch_db):
         eng.dispose()
 
 
+def test_drop_lab_schema_drops_only_a_proven_scratch_schema(scratch_db):
+    db = scratch_db("own_drop_schema")
+    eng = make_engine(database=db)
+    try:
+        seed.seed(eng, "ci")
+        schema = lab_schema(eng, "gone")
+        with eng.begin() as c:
+            c.execute(text(f"CREATE TABLE {schema}.t (x int)"))
+            c.execute(text("CREATE SCHEMA wb_kept"))
+        assert seed.drop_lab_schema(eng, "gone") is True
+        assert seed.drop_lab_schema(eng, "gone") is False
+        with pytest.raises(WorkbookError, match="wb_kept exists but the workbook did not create it"):
+            seed.drop_lab_schema(eng, "kept")
+        with eng.connect() as c:
+            assert c.execute(text("SELECT to_regnamespace('wb_kept')")).scalar() == "wb_kept"
+            assert c.execute(text("SELECT to_regnamespace('wb_gone')")).scalar() is None
+        assert "schema:wb_gone" not in seed.seeded_info(eng) and seed.is_seeded(eng, "ci", 42)
+    finally:
+        eng.dispose()
+
+
 def _make_legacy(eng) -> None:
     """Turn a seeded database into what the code before stamps left: a marker commented
     'qo-workbook' holding owner, scale, seed, schema_version, complete (and seeded_at), the model
