@@ -361,10 +361,12 @@ def _key_constraints(table) -> list:
 
 # ----------------------------------------------------------------------------- ownership and the guard
 # A name is no proof. The workbook owns an object when all three hold:
-# - the marker ``public.workbook_meta`` is proven: its row ``marker_id`` is set, its comment is the
-#   stamp ``qo-workbook <marker_id>``, and its row ``table:workbook_meta`` holds its own OID;
+# - the marker ``public.workbook_meta`` is proven: its row ``marker_id`` is set, it is stamped
+#   ``qo-workbook <marker_id>``, and its row ``table:workbook_meta`` holds its own OID;
 # - the marker records the object's OID under its name (``table:<name>`` / ``schema:<name>``);
-# - the object has that OID and that name, and its comment is the stamp.
+# - the object has that OID and that name, and it is stamped.
+# A table's stamp is the comment of its row type (COMMENT ON TYPE users): Alembic's autogenerate
+# compares table comments with the models (chapter 06), not these. A schema's is its comment.
 # The seed writes a table's stamp and record in the transaction that creates the table, so a table
 # is never there without its proof. Relations inside a proven scratch schema belong to it.
 _MARKER_KEYS = {"owner", "scale", "seed", "schema_version", "complete"}  # what every marker held before stamps
@@ -397,25 +399,26 @@ class Ownership:
         return [f for f in self.foreign if f in names]
 
 
-def _marker_rows(conn) -> tuple[int | None, str | None, dict[str, str]]:
-    """(oid, comment, rows) of ``public.workbook_meta`` when it has the marker's shape, else (oid, comment, {})."""
+def _marker_rows(conn) -> tuple[int | None, str | None, str | None, dict[str, str]]:
+    """(oid, table comment, row-type comment, rows) of ``public.workbook_meta``; rows {} unless it has
+    the marker's shape."""
     row = _x(
         conn,
-        """SELECT c.oid, obj_description(c.oid, 'pg_class'),
+        """SELECT c.oid, obj_description(c.oid, 'pg_class'), obj_description(c.reltype, 'pg_type'),
                   array(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
                         AND NOT a.attisdropped ORDER BY a.attnum)
            FROM pg_class c WHERE c.oid = to_regclass(%s) AND c.relkind = 'r'""",
         (f"public.{MARKER_TABLE}",),
     ).fetchone()
     if row is None:
-        return None, None, {}
-    oid, comment, columns = row
+        return None, None, None, {}
+    oid, comment, stamp, columns = row
     if columns != ["key", "value"]:
-        return oid, comment, {}
+        return oid, comment, stamp, {}
     query = sql.SQL("SELECT key::text, value::text FROM {}.{}").format(
         sql.Identifier("public"), sql.Identifier(MARKER_TABLE)
     )
-    return oid, comment, dict(_x(conn, query).fetchall())
+    return oid, comment, stamp, dict(_x(conn, query).fetchall())
 
 
 def _legacy_tables(conn, rows: dict[str, str]) -> tuple[dict[int, str], list[str]]:
@@ -447,12 +450,12 @@ def _legacy_tables(conn, rows: dict[str, str]) -> tuple[dict[int, str], list[str
 def ownership(conn) -> Ownership:
     """Prove, object by object, what in this database the workbook created (see the comment above)."""
     own = Ownership()
-    marker_oid, marker_comment, rows = _marker_rows(conn)
+    marker_oid, marker_comment, marker_stamp, rows = _marker_rows(conn)
     marker_id = rows.get("marker_id")
     if (
         marker_oid
         and marker_id
-        and marker_comment == _stamp(marker_id)
+        and marker_stamp == _stamp(marker_id)
         and rows.get(f"table:{MARKER_TABLE}") == str(marker_oid)
     ):
         own.marker_id = marker_id
@@ -465,7 +468,7 @@ def ownership(conn) -> Ownership:
                 conn,
                 """SELECT c.oid, c.relname::text FROM pg_class c
                    JOIN unnest(%s::oid[], %s::text[]) AS w(oid, name) ON w.oid = c.oid AND w.name = c.relname
-                   WHERE c.relnamespace = 'public'::regnamespace AND obj_description(c.oid, 'pg_class') = %s""",
+                   WHERE c.relnamespace = 'public'::regnamespace AND obj_description(c.reltype, 'pg_type') = %s""",
                 ([o for o, _ in want_tables], [n for _, n in want_tables], stamp),
             ).fetchall():
                 own.tables[oid] = name
@@ -521,7 +524,7 @@ def _write_marker(conn, marker_id: str, scale: str, seed_value: int, schemas: di
     """Create the marker (stamped, its own OID recorded) and record the scratch schemas kept from before."""
     marker = sql.Identifier(MARKER_TABLE)
     _x(conn, sql.SQL("CREATE TABLE {} (key text PRIMARY KEY, value text NOT NULL)").format(marker))
-    _x(conn, sql.SQL("COMMENT ON TABLE {} IS {}").format(marker, sql.Literal(_stamp(marker_id))))
+    _x(conn, sql.SQL("COMMENT ON TYPE {} IS {}").format(marker, sql.Literal(_stamp(marker_id))))
     rows = {
         "owner": OWNER_COMMENT,
         "marker_id": marker_id,
@@ -541,7 +544,7 @@ def _record(conn, marker_id: str, kind: str, name: str) -> None:
     """Stamp a table of ``public`` or a schema the workbook created, and record its OID in the marker."""
     stamp = sql.Literal(_stamp(marker_id))
     if kind == "table":
-        _x(conn, sql.SQL("COMMENT ON TABLE {}.{} IS {}").format(sql.Identifier("public"), sql.Identifier(name), stamp))
+        _x(conn, sql.SQL("COMMENT ON TYPE {}.{} IS {}").format(sql.Identifier("public"), sql.Identifier(name), stamp))
         oid = _x(conn, "SELECT to_regclass(%s)::oid", (sql.Identifier("public", name).as_string(None),)).fetchone()[0]
     else:
         _x(conn, sql.SQL("COMMENT ON SCHEMA {} IS {}").format(sql.Identifier(name), stamp))

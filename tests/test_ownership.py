@@ -114,6 +114,23 @@ def test_a_seeded_database_reseeds_and_resets_and_keeps_its_scratch_schemas(scra
         eng.dispose()
 
 
+def test_the_stamps_are_invisible_to_autogenerate(scratch_db):
+    """Alembic compares table comments with the models: the stamp is on the row type instead."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from helpers.models import Base
+
+    eng = make_engine(database=scratch_db("own_autogen"))
+    try:
+        seed.seed(eng, "ci")
+        with eng.connect() as c:
+            opts = {"include_object": lambda o, n, t, r, x: not (t == "table" and n == seed.MARKER_TABLE)}
+            assert compare_metadata(MigrationContext.configure(c, opts=opts), Base.metadata) == []
+    finally:
+        eng.dispose()
+
+
 def test_an_existing_schema_of_a_scratch_name_is_not_taken_over(scratch_db):
     db = scratch_db("own_schema")
     eng = make_engine(database=db)
@@ -158,12 +175,13 @@ def test_drop_lab_schema_drops_only_a_proven_scratch_schema(scratch_db):
 def _make_legacy(eng) -> None:
     """Turn a seeded database into what the code before stamps left: a marker commented
     'qo-workbook' holding owner, scale, seed, schema_version, complete (and seeded_at), the model
-    tables uncommented, and scratch schemas commented 'qo-workbook'."""
+    tables unstamped, and scratch schemas commented 'qo-workbook'."""
     with eng.begin() as c:
         c.execute(text("DELETE FROM workbook_meta WHERE key = 'marker_id' OR key LIKE '%:%'"))
         c.execute(text("COMMENT ON TABLE workbook_meta IS 'qo-workbook'"))
+        c.execute(text("COMMENT ON TYPE workbook_meta IS NULL"))
         for name in TABLES:
-            c.exec_driver_sql(f"COMMENT ON TABLE {name} IS NULL")  # names from helpers.models
+            c.exec_driver_sql(f"COMMENT ON TYPE {name} IS NULL")  # names from helpers.models
         c.execute(text("DROP SCHEMA IF EXISTS wb_legacy CASCADE"))
         c.execute(text("CREATE SCHEMA wb_legacy"))
         c.execute(text("COMMENT ON SCHEMA wb_legacy IS 'qo-workbook'"))
@@ -184,7 +202,7 @@ def test_a_database_seeded_before_stamps_is_stamped_once(scratch_db):
         assert info.get("marker_id") and {f"table:{n}" for n in TABLES} <= set(info) and "schema:wb_legacy" in info
         with eng.connect() as c:
             own = seed.ownership(c)
-            comment = c.execute(text("SELECT obj_description('users'::regclass, 'pg_class')")).scalar()
+            comment = c.execute(text("SELECT obj_description('users'::regtype, 'pg_type')")).scalar()
         assert not own.legacy and own.marker_id == info["marker_id"] and own.foreign == []
         assert comment == f"qo-workbook {info['marker_id']}"
         seed.reset(eng)  # proven now: the reset drops the old scratch schema
