@@ -54,6 +54,7 @@ _LAZY = {
     "pgbouncer": "helpers.pgbouncer",
     "latency": "helpers.latency",
     "exercises": "helpers.exercises",
+    "bounded": "helpers.waits",  # every wait has a limit; names the blocker when it expires
 }
 
 
@@ -184,4 +185,5 @@ __all__ = [
     "drop_lab_schema",
     "scratch_name",
     "scratch_suffix",
+    "bounded",
 ]

@@ -85,12 +85,20 @@ def main(argv: list[str] | None = None) -> int:
             from .database import get_engine
 
             engine = get_engine()
-            if args.command == "seed" and args.if_needed:
-                done = seed.ensure_seeded(engine, args.scale, progress=True)
-                print("seeded" if done else "already seeded")
-                return 0
-            fn = seed.seed if args.command == "seed" else seed.reset
-            res = fn(engine, scale=args.scale, force=args.force, progress=True)
+            try:
+                if args.command == "seed" and args.if_needed:
+                    done = seed.ensure_seeded(engine, args.scale, progress=True)
+                    print("seeded" if done else "already seeded")
+                    return 0
+                fn = seed.seed if args.command == "seed" else seed.reset
+                res = fn(engine, scale=args.scale, force=args.force, progress=True)
+            except KeyboardInterrupt as exc:  # Ctrl-C: the seed says what it kept (nothing)
+                interrupted = isinstance(exc, seed.SeedInterrupted)
+                print(
+                    str(exc) if interrupted else "interrupted: run it again (an incomplete seed is redone)",
+                    file=sys.stderr,
+                )
+                return 130
             print(
                 f"{res['scale']}: {res['rows']:,} rows in {res['seconds']:.1f}s "
                 f"({res['rows'] / res['seconds']:,.0f} rows/s)"

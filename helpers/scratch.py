@@ -169,8 +169,18 @@ def drop_lab_schema(engine, schema: str) -> bool:
                 f"Not dropping the schema {schema!r}: it is no longer the one this kernel created (its OID or "
                 "its qo-workbook stamp changed). It was left untouched."
             )
+        from .seed import MARKER_TABLE, ownership
+
+        if schema not in ownership(conn).schemas.values():  # the marker's record: the second proof
+            raise WorkbookError(
+                f"Not dropping the schema {schema!r}: the workbook's marker has no record of it (or a stamp that "
+                "does not match). It was left untouched."
+            )
         raw = conn.connection.driver_connection
         raw.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        raw.execute(
+            sql.SQL("DELETE FROM {} WHERE key = %s").format(sql.Identifier(MARKER_TABLE)), (f"schema:{schema}",)
+        )
     _made.pop(_key("schema", schema, database), None)
     return True
 
@@ -225,25 +235,36 @@ def _dead(name: str) -> bool:
     return owner_alive(name) is False
 
 
+def _proven_schemas(url) -> set[str]:
+    """Scratch schemas the workbook's marker proves it created (OID recorded, stamp matching)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from .seed import ownership
+
+    eng = create_engine(url, poolclass=NullPool)
+    try:
+        with eng.connect() as conn:
+            return set(ownership(conn).schemas.values())
+    finally:
+        eng.dispose()
+
+
 def drop_leftovers(url=None, progress: bool = False) -> dict[str, list[str]]:
     """Drop the scratch objects of kernels that are gone; keep (and list) those of live kernels.
 
-    In the workbook database: schemas stamped ``qo-workbook`` whose suffix names a dead process of this
+    In the workbook database: scratch schemas the marker proves the workbook created, whose suffix names a dead process of this
     machine, and unsuffixed ``wb_*`` ones (made before names were per kernel). On the server: databases
     ``<db>_..._k<pid>_...`` stamped as clones, and roles stamped ``qo-workbook role``, of dead processes.
     ``url``: the workbook database (default: ``database_url()``).
     """
     from .database import CLONE_COMMENT, _libpq_kwargs, database_url
-    from .seed import OWNER_COMMENT
 
     base = url if url is not None else database_url()
     out: dict[str, list[str]] = {"schemas": [], "databases": [], "roles": [], "kept": []}
     with psycopg.connect(**_libpq_kwargs(base), autocommit=True) as conn:
         conn.execute("SELECT set_config('lock_timeout', '10s', false)")
-        for (name,) in conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = %s ORDER BY 1",
-            (OWNER_COMMENT,),
-        ).fetchall():
+        for name in sorted(_proven_schemas(base)):
             legacy = _SUFFIX_RE.search(name) is None
             if legacy or _dead(name):
                 conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))  # name from the catalog

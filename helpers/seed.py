@@ -6,9 +6,11 @@ scale and seed give byte-identical tables on every run and every server. Skew is
 a few users own many posts (density ~ 1/sqrt(rank)), some posts are soft-deleted, and
 ``users.country`` determines ``users.region`` (a correlated pair for the planner lessons).
 
-The workbook owns: the tables of ``helpers.models``, ``workbook_meta`` (the marker) and
-schemas commented ``qo-workbook`` (chapters' scratch schemas, see ``lab_schema``). Seeding and
-resets refuse to run in a database holding anything else, unless ``force=True``.
+The workbook owns only what it can prove it created (``ownership``): the marker ``workbook_meta``
+records the OID of every table the seed created and of every scratch schema ``lab_schema``
+created, and each carries the marker's stamp as its comment; a name is no proof. Seeding and
+resets refuse to run in a database holding anything else; ``force=True`` seeds beside foreign
+tables but never drops one, and refuses when one has the name of a workbook table.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+import psycopg
 from psycopg import sql
 from sqlalchemy import Engine, MetaData, UniqueConstraint, text
 from sqlalchemy.engine import URL
@@ -34,11 +38,13 @@ from . import models
 from .config import WorkbookError, settings
 from .database import libpq_tool_args
 from .server import embedded_bin_dir
+from .waits import bounded
 
 MARKER_TABLE = "workbook_meta"
 OWNER_COMMENT = "qo-workbook"
 GENERATOR_VERSION = "4"
 _LOCK_KEY = 0x514F5742  # pg_advisory_lock key serialising seeders of one database
+_SCHEMA_LOCK_KEY = 0x514F5753  # pg_advisory_xact_lock key serialising lab_schema calls (one database)
 
 
 @dataclass(frozen=True)
@@ -241,27 +247,40 @@ def _default_lanes() -> int:
     return min(8, max(2, 2 * cores))
 
 
-def _run_tasks(tasks: list[_Task], workers: int) -> None:
-    """Run a dependency graph of tasks on ``workers`` threads, biggest ready task first."""
+def _run_tasks(tasks: list[_Task], workers: int, on_interrupt: Callable[[], None] | None = None) -> None:
+    """Run a dependency graph of tasks on ``workers`` threads, biggest ready task first.
+
+    On KeyboardInterrupt no new task starts and ``on_interrupt`` is called every 0.2 s (it cancels
+    the lanes' statements) until the running tasks have ended; then the interrupt propagates.
+    """
     pending = {t.name: t for t in tasks}
     done: set[str] = set()
     busy: set[str] = set()
     running: dict = {}
     with ThreadPoolExecutor(workers) as pool:
-        while pending or running:
-            for task in sorted(pending.values(), key=lambda t: -t.cost):
-                if len(running) < workers and task.after <= done and not task.tables & busy:
-                    del pending[task.name]
-                    busy |= task.tables
-                    running[pool.submit(task.run)] = task
-            if not running:
-                raise RuntimeError(f"seed tasks wait on each other: {sorted(pending)}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = running.pop(future)
-                busy -= task.tables
-                future.result()  # a failed task stops the seed (the running ones finish first)
-                done.add(task.name)
+        try:
+            while pending or running:
+                for task in sorted(pending.values(), key=lambda t: -t.cost):
+                    if len(running) < workers and task.after <= done and not task.tables & busy:
+                        del pending[task.name]
+                        busy |= task.tables
+                        running[pool.submit(task.run)] = task
+                if not running:
+                    raise RuntimeError(f"seed tasks wait on each other: {sorted(pending)}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    task = running.pop(future)
+                    busy -= task.tables
+                    future.result()  # a failed task stops the seed (the running ones finish first)
+                    done.add(task.name)
+        except KeyboardInterrupt:
+            while running:
+                if on_interrupt:
+                    on_interrupt()
+                finished, _ = wait(running, timeout=0.2)
+                for future in finished:
+                    running.pop(future)
+            raise
 
 
 def _select_sql(name: str, params: dict[str, int]) -> str:
@@ -341,38 +360,260 @@ def _key_constraints(table) -> list:
 
 
 # ----------------------------------------------------------------------------- ownership and the guard
-def _foreign_objects(conn) -> list[str]:
-    owned = set(models.TABLES) | {MARKER_TABLE}
-    rows = conn.execute(
-        text("""
-        SELECT n.nspname, c.relname, obj_description(n.oid, 'pg_namespace') AS schema_comment
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                          AND d.objid = c.oid AND d.deptype = 'e')
-        ORDER BY 1, 2""")
-    ).all()
-    return [
-        f"{nsp}.{rel}"
-        for nsp, rel, comment in rows
-        if not ((nsp == "public" and rel in owned) or comment == OWNER_COMMENT)
+# A name is no proof. The workbook owns an object when all three hold:
+# - the marker ``public.workbook_meta`` is proven: its row ``marker_id`` is set, it is stamped
+#   ``qo-workbook <marker_id>``, and its row ``table:workbook_meta`` holds its own OID;
+# - the marker records the object's OID under its name (``table:<name>`` / ``schema:<name>``);
+# - the object has that OID and that name, and it is stamped.
+# A table's stamp is the comment of its row type (COMMENT ON TYPE users): Alembic's autogenerate
+# compares table comments with the models (chapter 06), not these. A schema's is its comment.
+# The seed writes a table's stamp and record in the transaction that creates the table, so a table
+# is never there without its proof. Relations inside a proven scratch schema belong to it.
+_MARKER_KEYS = {"owner", "scale", "seed", "schema_version", "complete"}  # what every marker held before stamps
+
+
+def _stamp(marker_id: str) -> str:
+    return f"{OWNER_COMMENT} {marker_id}"
+
+
+def _x(conn, query, params=None):
+    """Run a psycopg ``sql.Composed`` (identifiers quoted by psycopg) on a SQLAlchemy Connection's transaction."""
+    return conn.connection.driver_connection.execute(query, params)
+
+
+@dataclass
+class Ownership:
+    """What the workbook can prove it created in one database, and what it cannot."""
+
+    marker_id: str | None = None  # None: no proven marker
+    legacy: bool = False  # a marker from before stamps whose tables match it: adopted on first use
+    tables: dict[int, str] = field(default_factory=dict)  # oid -> name (public), the marker included
+    schemas: dict[int, str] = field(default_factory=dict)  # oid -> name
+    foreign: list[str] = field(default_factory=list)  # schema.name of every relation not proven ours
+    legacy_mismatch: list[str] = field(default_factory=list)  # why an old marker was not adopted
+
+    @property
+    def occupied(self) -> list[str]:
+        """Foreign tables sitting where the workbook must create its own (``--force`` cannot help)."""
+        names = {f"public.{n}" for n in [*models.TABLES, MARKER_TABLE]}
+        return [f for f in self.foreign if f in names]
+
+
+def _marker_rows(conn) -> tuple[int | None, str | None, str | None, dict[str, str]]:
+    """(oid, table comment, row-type comment, rows) of ``public.workbook_meta``; rows {} unless it has
+    the marker's shape."""
+    row = _x(
+        conn,
+        """SELECT c.oid, obj_description(c.oid, 'pg_class'), obj_description(c.reltype, 'pg_type'),
+                  array(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+                        AND NOT a.attisdropped ORDER BY a.attnum)
+           FROM pg_class c WHERE c.oid = to_regclass(%s) AND c.relkind = 'r'""",
+        (f"public.{MARKER_TABLE}",),
+    ).fetchone()
+    if row is None:
+        return None, None, None, {}
+    oid, comment, stamp, columns = row
+    if columns != ["key", "value"]:
+        return oid, comment, stamp, {}
+    query = sql.SQL("SELECT key::text, value::text FROM {}.{}").format(
+        sql.Identifier("public"), sql.Identifier(MARKER_TABLE)
+    )
+    return oid, comment, stamp, dict(_x(conn, query).fetchall())
+
+
+def _legacy_tables(conn, rows: dict[str, str]) -> tuple[dict[int, str], list[str]]:
+    """An old marker's tables: (oid -> name of those matching the models, reasons it does not match).
+
+    The rule: every model-named table in ``public`` has exactly the model's columns, in order;
+    when the marker says the seed completed, every model table is there.
+    """
+    found = _x(
+        conn,
+        """SELECT c.oid, c.relname::text, array(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid
+                  AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum)
+           FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relname = ANY(%s)""",
+        (list(models.TABLES),),
+    ).fetchall()
+    tables, why = {}, []
+    for oid, name, columns in found:
+        want = [c.name for c in models.Base.metadata.tables[name].columns]
+        if columns == want:
+            tables[oid] = name
+        else:
+            why.append(f"public.{name} has columns ({', '.join(columns)}), not the workbook's ({', '.join(want)})")
+    if rows.get("complete") == "true":
+        missing = sorted(set(models.TABLES) - {name for _, name, _ in found})
+        why += [f"public.{name} is missing" for name in missing]
+    return tables, why
+
+
+def ownership(conn) -> Ownership:
+    """Prove, object by object, what in this database the workbook created (see the comment above)."""
+    own = Ownership()
+    marker_oid, marker_comment, marker_stamp, rows = _marker_rows(conn)
+    marker_id = rows.get("marker_id")
+    if (
+        marker_oid
+        and marker_id
+        and marker_stamp == _stamp(marker_id)
+        and rows.get(f"table:{MARKER_TABLE}") == str(marker_oid)
+    ):
+        own.marker_id = marker_id
+        recorded = [(k.split(":", 1)[0], k.split(":", 1)[1], v) for k, v in rows.items() if ":" in k]
+        want_tables = [(int(v), n) for kind, n, v in recorded if kind == "table" and v.isdigit()]
+        want_schemas = [(int(v), n) for kind, n, v in recorded if kind == "schema" and v.isdigit()]
+        stamp = _stamp(marker_id)
+        if want_tables:
+            for oid, name in _x(
+                conn,
+                """SELECT c.oid, c.relname::text FROM pg_class c
+                   JOIN unnest(%s::oid[], %s::text[]) AS w(oid, name) ON w.oid = c.oid AND w.name = c.relname
+                   WHERE c.relnamespace = 'public'::regnamespace AND obj_description(c.reltype, 'pg_type') = %s""",
+                ([o for o, _ in want_tables], [n for _, n in want_tables], stamp),
+            ).fetchall():
+                own.tables[oid] = name
+        if want_schemas:
+            for oid, name in _x(
+                conn,
+                """SELECT n.oid, n.nspname::text FROM pg_namespace n
+                   JOIN unnest(%s::oid[], %s::text[]) AS w(oid, name) ON w.oid = n.oid AND w.name = n.nspname
+                   WHERE obj_description(n.oid, 'pg_namespace') = %s""",
+                ([o for o, _ in want_schemas], [n for _, n in want_schemas], stamp),
+            ).fetchall():
+                own.schemas[oid] = name
+    elif (
+        marker_oid
+        and not marker_id
+        and marker_comment == OWNER_COMMENT
+        and rows.get("owner") == OWNER_COMMENT
+        and _MARKER_KEYS <= set(rows)
+    ):
+        # seeded before stamps: adopt when its tables match what it says it seeded
+        tables, why = _legacy_tables(conn, rows)
+        if why:
+            own.legacy_mismatch = why
+        else:
+            own.legacy = True
+            own.tables = {marker_oid: MARKER_TABLE, **tables}
+            own.schemas = dict(
+                _x(
+                    conn,
+                    """SELECT oid, nspname::text FROM pg_namespace
+                       WHERE nspname LIKE 'wb\\_%%' AND obj_description(oid, 'pg_namespace') = %s""",
+                    (OWNER_COMMENT,),
+                ).fetchall()
+            )
+    relations = _x(
+        conn,
+        """SELECT c.oid, n.oid, n.nspname::text, c.relname::text
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+             AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+             AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                             AND d.objid = c.oid AND d.deptype = 'e')
+           ORDER BY 3, 4""",
+    ).fetchall()
+    own.foreign = [
+        f"{nsp}.{rel}" for oid, nsp_oid, nsp, rel in relations if oid not in own.tables and nsp_oid not in own.schemas
     ]
+    return own
 
 
-def check_owned(conn, force: bool = False) -> None:
-    """Refuse (WorkbookError) when the database holds tables the workbook did not create."""
-    foreign = _foreign_objects(conn)
-    if foreign and not force:
-        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
-        db = conn.execute(text("SELECT current_database()")).scalar()
-        raise WorkbookError(
-            f"Refusing to seed or reset database {db!r}: it holds tables the workbook did not create "
-            f"({shown}). Nothing was changed. Point the workbook at a database of its own "
-            "(WORKBOOK_DB=workbook, or another DATABASE_URL), or pass --force to seed beside them "
-            "(only the workbook's own tables are ever dropped)."
+def _write_marker(conn, marker_id: str, scale: str, seed_value: int, schemas: dict[int, str]) -> None:
+    """Create the marker (stamped, its own OID recorded) and record the scratch schemas kept from before."""
+    marker = sql.Identifier(MARKER_TABLE)
+    _x(conn, sql.SQL("CREATE TABLE {} (key text PRIMARY KEY, value text NOT NULL)").format(marker))
+    _x(conn, sql.SQL("COMMENT ON TYPE {} IS {}").format(marker, sql.Literal(_stamp(marker_id))))
+    rows = {
+        "owner": OWNER_COMMENT,
+        "marker_id": marker_id,
+        "scale": scale,
+        "seed": str(seed_value),
+        "schema_version": schema_version(),
+        "complete": "false",
+    }
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.executemany(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(marker), list(rows.items()))
+    _record(conn, marker_id, "table", MARKER_TABLE)
+    for name in schemas.values():
+        _record(conn, marker_id, "schema", name)
+
+
+def _record(conn, marker_id: str, kind: str, name: str) -> None:
+    """Stamp a table of ``public`` or a schema the workbook created, and record its OID in the marker."""
+    stamp = sql.Literal(_stamp(marker_id))
+    if kind == "table":
+        _x(conn, sql.SQL("COMMENT ON TYPE {}.{} IS {}").format(sql.Identifier("public"), sql.Identifier(name), stamp))
+        oid = _x(conn, "SELECT to_regclass(%s)::oid", (sql.Identifier("public", name).as_string(None),)).fetchone()[0]
+    else:
+        _x(conn, sql.SQL("COMMENT ON SCHEMA {} IS {}").format(sql.Identifier(name), stamp))
+        oid = _x(conn, "SELECT oid FROM pg_namespace WHERE nspname = %s", (name,)).fetchone()[0]
+    _x(
+        conn,
+        sql.SQL("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value").format(
+            sql.Identifier(MARKER_TABLE)
+        ),
+        (f"{kind}:{name}", str(oid)),
+    )
+
+
+def _adopt_legacy(conn, own: Ownership) -> Ownership:
+    """Stamp a database seeded before stamps (``own.legacy``) once: it becomes proven."""
+    if not own.legacy:
+        return own
+    marker_id = uuid.uuid4().hex[:12]
+    _x(conn, sql.SQL("INSERT INTO {} VALUES ('marker_id', %s)").format(sql.Identifier(MARKER_TABLE)), (marker_id,))
+    for name in own.tables.values():
+        _record(conn, marker_id, "table", name)
+    for name in own.schemas.values():
+        _record(conn, marker_id, "schema", name)
+    return ownership(conn)
+
+
+def adopt_if_legacy(engine: Engine) -> bool:
+    """Stamp a database seeded before stamps, when its tables match its marker; True when it did."""
+    with engine.begin() as conn, bounded(conn, "Stamping the workbook's tables"):
+        own = ownership(conn)
+        _adopt_legacy(conn, own)
+    return own.legacy
+
+
+def check_owned(conn, force: bool = False) -> Ownership:
+    """What the workbook owns here; refuse (WorkbookError) when foreign tables are in the way.
+
+    Without ``force``, any table the workbook cannot prove it created stops the seed or reset.
+    With ``force`` it seeds beside them, but a foreign table with the name of a workbook table
+    still stops it: the workbook's own could not be created without dropping theirs.
+    """
+    own = ownership(conn)
+    blocking = own.occupied if force else own.foreign
+    if not blocking:
+        return own
+    db = _x(conn, "SELECT current_database()").fetchone()[0]
+    shown = ", ".join(blocking[:8]) + (f" and {len(blocking) - 8} more" if len(blocking) > 8 else "")
+    lines = [
+        f"Refusing to seed or reset database {db!r}: it holds tables the workbook did not create ({shown}). "
+        "Nothing was changed."
+    ]
+    if own.legacy_mismatch:
+        lines.append(
+            f"{MARKER_TABLE} looks like an older workbook's marker, but "
+            + "; ".join(own.legacy_mismatch[:3])
+            + ", so none of it is taken as the workbook's."
         )
+    if force:
+        lines.append(
+            "--force seeds beside foreign tables, but never drops one, and these have the names of the "
+            "workbook's tables. Point the workbook at a database of its own (WORKBOOK_DB=workbook, or another "
+            "DATABASE_URL), or rename or drop those tables yourself."
+        )
+    else:
+        lines.append(
+            "Point the workbook at a database of its own (WORKBOOK_DB=workbook, or another DATABASE_URL), "
+            "or pass --force to seed beside them (only tables the workbook can prove it created are ever dropped)."
+        )
+    raise WorkbookError("\n".join(lines))
 
 
 def lab_schema(engine: Engine, name: str) -> str:
@@ -381,18 +622,33 @@ def lab_schema(engine: Engine, name: str) -> str:
     Chapters that create tables of their own put them here, so they never touch the seeded
     data, two kernels never share one (the suffix is ``helpers.scratch.scratch_suffix()``), and
     ``drop_lab_schema(engine, schema)`` (at the end of the notebook) or ``reset`` (a kernel that is
-    gone) can drop them without touching anything else.
+    gone) can drop them without touching anything else. The schema is stamped and its OID recorded
+    in the marker (``ownership``); an existing schema of that name the workbook cannot prove it
+    created is refused, never taken over.
     """
     from .scratch import remember_schema, scratch_name
 
     schema = scratch_name(f"wb_{name}")
     if not schema.replace("_", "").isalnum():
         raise ValueError(f"schema name must be alphanumeric: {name!r}")
-    with engine.begin() as conn:
-        raw = conn.connection.driver_connection
-        raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        raw.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(sql.Identifier(schema), sql.Literal(OWNER_COMMENT)))
-        remember_schema(conn, schema)  # proof that this process created it, for drop_lab_schema
+    with engine.begin() as conn, bounded(conn, f"Creating the scratch schema {schema}"):
+        _x(conn, "SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))  # one creator at a time
+        own = _adopt_legacy(conn, ownership(conn))
+        if schema in own.schemas.values():
+            return schema
+        if own.marker_id is None:
+            raise WorkbookError(
+                f"Cannot create the scratch schema {schema}: this database holds no workbook marker "
+                f"({MARKER_TABLE}). Seed it first (engine = setup(), or python -m helpers seed)."
+            )
+        if _x(conn, "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+            raise WorkbookError(
+                f"Schema {schema} exists but the workbook did not create it; it was left untouched. "
+                "Drop or rename it yourself, or use another name."
+            )
+        _x(conn, sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        _record(conn, own.marker_id, "schema", schema)
+        remember_schema(conn, schema)  # this process created it: drop_lab_schema may drop it
     return schema
 
 
@@ -415,15 +671,50 @@ def is_seeded(engine: Engine, scale: str, seed: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- seeding
-def _drop_owned(conn, schemas: bool) -> None:
-    models.Base.metadata.drop_all(conn, checkfirst=True)
-    conn.execute(text(f"DROP TABLE IF EXISTS {MARKER_TABLE}"))
-    if schemas:
-        for (schema,) in conn.execute(
-            text("SELECT nspname FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = :c"),
-            {"c": OWNER_COMMENT},
-        ).all():
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')  # name read from the catalog
+def _drop_owned(conn, own: Ownership, schemas: bool, tables: bool = True) -> None:
+    """Drop the tables (and, with ``schemas``, the scratch schemas) ``own`` proves are the workbook's.
+
+    Tables are dropped without CASCADE: a foreign object depending on one (a view, a foreign key)
+    stops the drop with a message instead of disappearing with it.
+    """
+    names = [sql.Identifier("public", n) for n in own.tables.values()] if tables else []
+    try:
+        if names:
+            _x(conn, sql.SQL("DROP TABLE {}").format(sql.SQL(", ").join(names)))
+    except psycopg.errors.DependentObjectsStillExist as exc:
+        detail = (exc.diag.message_detail or "").strip().replace("\n", "; ")
+        raise WorkbookError(
+            f"Refusing to drop the workbook's tables: objects it did not create depend on them ({detail}). "
+            "Nothing was changed. Drop those objects yourself, or point the workbook at a database of its own."
+        ) from None
+    if schemas and own.schemas:
+        # relations inside a proven scratch schema are the chapters' own: CASCADE drops them with it,
+        # unless something outside depends on them (CASCADE would drop that too)
+        ids = list(own.schemas)
+        outside = [r[0] for r in _x(conn, _DEPENDENTS_SQL, (ids, ids, list(own.tables))).fetchall()]
+        if outside:
+            raise WorkbookError(
+                f"Refusing to drop the workbook's scratch schemas: {', '.join(outside[:8])} (not the workbook's) "
+                "depend on tables in them. Nothing was changed. Drop those objects yourself."
+            )
+        _x(
+            conn,
+            sql.SQL("DROP SCHEMA {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, own.schemas.values()))),
+        )
+
+
+_DEPENDENTS_SQL = """
+SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname)
+FROM (SELECT r.ev_class AS dependent, d.refobjid AS target
+      FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+      WHERE d.refclassid = 'pg_class'::regclass
+      UNION ALL
+      SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f') dep
+JOIN pg_class t ON t.oid = dep.target
+JOIN pg_class c ON c.oid = dep.dependent JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.relnamespace = ANY(%s::oid[]) AND c.relnamespace <> ALL(%s::oid[]) AND c.oid <> ALL(%s::oid[])
+ORDER BY 1
+"""
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -468,27 +759,23 @@ def seed(
     private = MetaData()
     tables = [t.to_metadata(private) for t in models.Base.metadata.sorted_tables]
     fks = [fk for t in tables for fk in t.foreign_key_constraints]
-    bar = _progress(len(LOADS) + 3, progress, f"seed {scale}")
+    bar = None  # shown once the guard has let the seed through
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
+    lane_pids: set[int] = set()  # backends of the running lanes: cancelled on Ctrl-C
+    stopping = threading.Event()
+    dropped = False  # the previous tables are gone once the first transaction commits
     with engine.connect() as lock_conn:
         lock_conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+        lock_conn.commit()
         try:
-            with engine.begin() as conn:
-                check_owned(conn, force)
-                _drop_owned(conn, schemas=False)
-                conn.execute(text(f"CREATE TABLE {MARKER_TABLE} (key text PRIMARY KEY, value text NOT NULL)"))
-                conn.execute(text(f"COMMENT ON TABLE {MARKER_TABLE} IS '{OWNER_COMMENT}'"))
-                marker = {
-                    "owner": OWNER_COMMENT,
-                    "scale": scale,
-                    "seed": str(seed_value),
-                    "schema_version": schema_version(),
-                    "complete": "false",
-                }
-                conn.execute(
-                    text(f"INSERT INTO {MARKER_TABLE} VALUES (:k, :v)"), [{"k": k, "v": v} for k, v in marker.items()]
-                )
+            with engine.begin() as conn, bounded(conn, "The seed (dropping the workbook's old tables)"):
+                own = check_owned(conn, force)
+                _drop_owned(conn, own, schemas=False)
+                marker_id = own.marker_id or uuid.uuid4().hex[:12]
+                _write_marker(conn, marker_id, scale, seed_value, own.schemas)
+            dropped = True
+            bar = _progress(len(LOADS) + 3, progress, f"seed {scale}")
             if bar:
                 bar.update(1)
 
@@ -504,23 +791,32 @@ def seed(
                     spent[stage] = spent.get(stage, 0.0) + now - since
                 return now
 
+            def lane(conn) -> None:
+                if stopping.is_set():
+                    raise KeyboardInterrupt
+                lane_pids.add(conn.connection.driver_connection.info.backend_pid)
+
             def load(name: str) -> None:
                 began = time.perf_counter()
                 # created, loaded and indexed in one transaction: with wal_level=minimal (the embedded
-                # server's setting) neither the rows nor the index builds go to the WAL
+                # server's setting) neither the rows nor the index builds go to the WAL. The table's
+                # stamp and its record in the marker commit with it: it never exists without its proof.
                 with engine.connect() as conn:
-                    with conn.begin():
+                    lane(conn)
+                    with conn.begin(), bounded(conn, f"The seed (loading {name})"):
                         conn.execute(text("SET LOCAL synchronous_commit = off"))
                         conn.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
                         # the lanes already keep every core busy: parallel workers would only add overhead
                         conn.execute(text("SET LOCAL max_parallel_maintenance_workers = 0"))
                         table = by_name[name]
                         conn.exec_driver_sql(_bare_table_ddl(table, engine.dialect))
+                        _record(conn, marker_id, "table", name)
                         rows[name] = _load_rows(conn, name, params)
                         began = spend("generate_and_copy", began)
                         for stmt in _key_constraints(table) + [CreateIndex(ix) for ix in table.indexes]:
                             conn.execute(stmt)
                     began = spend("keys_and_indexes", began)
+                    lane(conn)
                     if conn.dialect.server_version_info >= (15,):
                         # report this session's insert counts now, not up to a second later: after
                         # the VACUUM below they would make autovacuum visit the table in a lesson
@@ -530,7 +826,9 @@ def seed(
                     # that (and resets the insert counters); ANALYZE samples the statistics the
                     # planner lessons need
                     conn.execution_options(isolation_level="AUTOCOMMIT")
-                    conn.execute(text(f"VACUUM (ANALYZE) {name}"))  # name from helpers.models
+                    conn.connection.driver_connection.execute(
+                        sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(name))
+                    )
                 spend("vacuum_analyze", began)
                 if bar:
                     bar.update(1)
@@ -540,11 +838,19 @@ def seed(
                 # parent) is cheapest as a merge of two index-only scans: 8 s of CPU at `large`,
                 # against 14 s for the hash join the planner prefers (11 s run in parallel)
                 began = time.perf_counter()
-                with engine.begin() as conn:
-                    conn.execute(text("SET LOCAL enable_hashjoin = off"))
-                    conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
-                    conn.execute(AddConstraint(fk))
+                with engine.connect() as conn:
+                    lane(conn)
+                    with conn.begin(), bounded(conn, f"The seed (foreign key of {fk.table.name})"):
+                        conn.execute(text("SET LOCAL enable_hashjoin = off"))
+                        conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+                        conn.execute(AddConstraint(fk))
                 spend("foreign_keys", began)
+
+            def cancel_lanes() -> None:
+                stopping.set()
+                if lane_pids:
+                    lock_conn.execute(text("SELECT pg_cancel_backend(p) FROM unnest(:p) AS p"), {"p": list(lane_pids)})
+                    lock_conn.commit()
 
             expected = _expected_rows(sizes)
             tasks = [
@@ -569,28 +875,31 @@ def seed(
                     )
                 )
             lanes = lanes or _default_lanes()
-            _run_tasks(tasks, workers=lanes)
+            _run_tasks(tasks, workers=lanes, on_interrupt=cancel_lanes)
             stages.update(spent)
 
-            with engine.begin() as conn:
+            with engine.begin() as conn, bounded(conn, "The seed (moving the sequences)"):
                 for t in tables:  # explicit ids were inserted: move each serial sequence past them
                     if "id" in t.c and t.c.id.primary_key:
-                        conn.execute(
-                            text(
-                                f"SELECT setval(pg_get_serial_sequence(:t, 'id'), (SELECT coalesce(max(id), 0) + 1 FROM {t.name}), false)"
-                            ),
-                            {"t": t.name},
-                        )
+                        query = sql.SQL(
+                            "SELECT setval(pg_get_serial_sequence(%s, 'id'), (SELECT coalesce(max(id), 0) + 1 FROM {}), false)"
+                        ).format(sql.Identifier(t.name))
+                        _x(conn, query, (t.name,))
             if bar:
                 bar.update(1)
 
-            with engine.begin() as conn:
-                conn.execute(text(f"UPDATE {MARKER_TABLE} SET value = 'true' WHERE key = 'complete'"))
-                conn.execute(text(f"INSERT INTO {MARKER_TABLE} VALUES ('seeded_at', now()::text)"))
+            with engine.begin() as conn, bounded(conn, "The seed (marking it complete)"):
+                marker = sql.Identifier(MARKER_TABLE)
+                _x(conn, sql.SQL("UPDATE {} SET value = 'true' WHERE key = 'complete'").format(marker))
+                _x(conn, sql.SQL("INSERT INTO {} VALUES ('seeded_at', now()::text)").format(marker))
             if bar:
                 bar.update(1)
-                bar.close()
+        except KeyboardInterrupt:
+            raise _interrupted(engine, dropped) from None
         finally:
+            if bar:
+                bar.close()
+            lock_conn.rollback()  # a statement cancelled in its transaction leaves it aborted
             lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
             lock_conn.commit()
     return {
@@ -603,11 +912,36 @@ def seed(
     }
 
 
+class SeedInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a seed or reset; the message says what was kept (nothing)."""
+
+
+def _interrupted(engine: Engine, dropped: bool) -> SeedInterrupted:
+    """After Ctrl-C: remove the tables this seed loaded, so that nothing half-built is kept."""
+    if not dropped:
+        return SeedInterrupted("interrupted, nothing kept: nothing was changed.")
+    with engine.begin() as conn, bounded(conn, "Removing the interrupted seed"):
+        own = ownership(conn)
+        loaded = {oid: n for oid, n in own.tables.items() if n != MARKER_TABLE}
+        _drop_owned(conn, Ownership(marker_id=own.marker_id, tables=loaded), schemas=False)
+        if own.marker_id:  # interrupted even after the last step: say incomplete all the same
+            marker = sql.Identifier(MARKER_TABLE)
+            _x(conn, sql.SQL("UPDATE {} SET value = 'false' WHERE key = 'complete'").format(marker))
+            _x(conn, sql.SQL("DELETE FROM {} WHERE key = 'seeded_at'").format(marker))
+    return SeedInterrupted(
+        f"interrupted, nothing kept: the tables this seed had loaded ({len(loaded)}) were dropped, and "
+        f"{MARKER_TABLE} says the seed is incomplete. The previous data had been dropped when the seed "
+        "started: run `python -m helpers seed` again."
+    )
+
+
 def ensure_seeded(engine: Engine, scale: str | None = None, *, progress: bool = False) -> bool:
     """Seed when the database does not hold this scale and seed yet; True when it seeded."""
     s = settings()
     scale = scale or s.scale
     if is_seeded(engine, scale, s.seed):
+        if "marker_id" not in (seeded_info(engine) or {}):
+            adopt_if_legacy(engine)  # seeded before stamps: stamp it once
         return False
     with engine.connect() as conn:  # wait for a concurrent seeder, then look again
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
@@ -620,15 +954,25 @@ def ensure_seeded(engine: Engine, scale: str | None = None, *, progress: bool = 
 
 
 def reset(engine: Engine, *, force: bool = False, scale: str | None = None, progress: bool = False) -> dict:
-    """Drop everything the workbook owns (tables, marker, scratch objects of kernels that are gone); seed again."""
+    """Drop everything the workbook can prove it owns (tables, marker, scratch objects of kernels that are
+    gone; those of live kernels stay) and seed again."""
     from .scratch import drop_leftovers
 
-    with engine.begin() as conn:
-        check_owned(conn, force)
-        _drop_owned(conn, schemas=False)
-    # scratch schemas, clones and roles of kernels that are gone; those of live kernels stay
-    drop_leftovers(engine.url, progress=progress)
-    return seed(engine, scale, force=force, progress=progress)
+    try:
+        with engine.begin() as conn, bounded(conn, "The reset (dropping the workbook's tables)"):
+            own = check_owned(conn, force)
+            _drop_owned(conn, own, schemas=False)
+        drop_leftovers(engine.url, progress=progress)
+    except KeyboardInterrupt:
+        raise SeedInterrupted("interrupted, nothing kept: nothing was changed.") from None
+    try:
+        return seed(engine, scale, force=force, progress=progress)
+    except SeedInterrupted:
+        raise SeedInterrupted(
+            "interrupted, nothing kept: the reset had dropped the workbook's tables and the scratch objects of "
+            "kernels that are gone, and the seed that followed was stopped and removed what it had loaded. "
+            "Run `python -m helpers seed` again."
+        ) from None
 
 
 def row_counts(engine: Engine):

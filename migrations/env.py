@@ -3,14 +3,21 @@
 Each revision runs in its own transaction (``transaction_per_migration``), so a multi-phase
 change split over revisions commits phase by phase; steps that must not run in a transaction
 (``CREATE INDEX CONCURRENTLY``, batched backfills) use ``op.get_context().autocommit_block()``.
+
+Every revision runs under the workbook's lock limit (``helpers.waits.bounded``, 5 s unless
+``WORKBOOK_LOCK_TIMEOUT`` says otherwise, or ``config.attributes["lock_timeout"]``): set for the
+session before the first revision and set again after each one (a revision may ``RESET
+lock_timeout``). A revision may set a shorter limit of its own (``SET LOCAL lock_timeout``). When a
+wait expires, the error names the blocking session.
 """
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from helpers import models
+from helpers.waits import bounded, default_lock_timeout
 
 config = context.config
 target_metadata = models.Base.metadata
@@ -38,6 +45,16 @@ def target_url():
     return base.set(database=f"{base.database}_migrations").render_as_string(hide_password=False)
 
 
+def lock_limit() -> str:
+    return config.attributes.get("lock_timeout") or default_lock_timeout()
+
+
+def _limit_again(ctx, step, heads, run_args) -> None:
+    """After each revision (inside its transaction): the next one gets the limit too."""
+    if not ctx.as_sql and ctx.connection is not None:
+        ctx.connection.execute(text("SELECT set_config('lock_timeout', :v, false)"), {"v": lock_limit()})
+
+
 def configure(**kw) -> None:
     context.configure(
         target_metadata=target_metadata,
@@ -45,12 +62,21 @@ def configure(**kw) -> None:
         transaction_per_migration=True,
         compare_type=True,
         compare_server_default=True,
+        on_version_apply=_limit_again,
         **kw,
     )
 
 
+def run_bounded(connection) -> None:
+    configure(connection=connection)
+    with bounded(connection, "The migration", lock_timeout=lock_limit(), session=True):
+        with context.begin_transaction():
+            context.run_migrations()
+
+
 def run_migrations_offline() -> None:
     configure(url=target_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    context.execute(text("SELECT set_config('lock_timeout', :v, false)").bindparams(v=lock_limit()))
     with context.begin_transaction():
         context.run_migrations()
 
@@ -58,16 +84,12 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        configure(connection=connection)
-        with context.begin_transaction():
-            context.run_migrations()
+        run_bounded(connection)
         return
     engine = create_engine(target_url(), poolclass=pool.NullPool)
     try:
         with engine.connect() as connection:
-            configure(connection=connection)
-            with context.begin_transaction():
-                context.run_migrations()
+            run_bounded(connection)
     finally:
         engine.dispose()
 
