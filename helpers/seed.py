@@ -959,9 +959,10 @@ def reset(engine: Engine, *, force: bool = False, scale: str | None = None, prog
     from .scratch import drop_leftovers
 
     try:
-        with engine.begin() as conn, bounded(conn, "The reset (dropping the workbook's tables)"):
-            own = check_owned(conn, force)
-            _drop_owned(conn, own, schemas=False)
+        with engine.begin() as conn, bounded(conn, "The reset (checking what the workbook owns)"):
+            check_owned(conn, force)  # refuse before anything is dropped
+        # scratch objects of kernels that are gone; the seed below drops the tables and keeps the
+        # marker's records of the scratch schemas that live kernels still use
         drop_leftovers(engine.url, progress=progress)
     except KeyboardInterrupt:
         raise SeedInterrupted("interrupted, nothing kept: nothing was changed.") from None

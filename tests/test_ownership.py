@@ -106,10 +106,13 @@ def test_a_seeded_database_reseeds_and_resets_and_keeps_its_scratch_schemas(scra
             own = seed.ownership(c)
             assert own.foreign == [] and schema in own.schemas.values()
             assert sorted(own.tables.values()) == sorted([*TABLES, seed.MARKER_TABLE])
-        seed.reset(eng)  # drops the scratch schema with its table
+        seed.reset(eng)  # a live kernel's (this process's) scratch schema stays, still proven
         with eng.connect() as c:
-            assert c.execute(text("SELECT to_regnamespace(:s)"), {"s": schema}).scalar() is None
+            assert c.execute(text("SELECT to_regnamespace(:s)"), {"s": schema}).scalar() == schema
+            own = seed.ownership(c)
+            assert own.foreign == [] and schema in own.schemas.values()
         assert seed.is_seeded(eng, "ci", 42)
+        assert drop_lab_schema(eng, schema) is True
     finally:
         eng.dispose()
 
