@@ -119,8 +119,11 @@ def build_index(out: Path, chapters: list[dict], meta: dict) -> Path:
             if (out / "plots" / f"{p}.png").exists()
         )
         seconds = f"{ch['seconds']:.0f} s" if ch.get("seconds") is not None else "not run"
+        title = html.escape(ch["title"])
+        if (out / ch["file"]).exists():  # no link to a page this folder does not hold
+            title = f'<a href="{html.escape(ch["file"])}">{title}</a>'
         rows.append(
-            f'<section><h2><a href="{html.escape(ch["file"])}">{html.escape(ch["title"])}</a></h2>'
+            f"<section><h2>{title}</h2>"
             f"<p>{html.escape(ch.get('summary', ''))}</p>"
             f"<p class=meta>{html.escape(ch.get('status', ''))} · ran in {seconds}</p>"
             f"{figures}<div class=thumbs>{thumbs}</div></section>"

@@ -247,6 +247,14 @@ def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
 
 
 def _run_all(paths: list[Path], out: Path, run_dir: Path, timeout: int) -> int:
+    _ran.clear()
+    try:
+        return _run_each(paths, out, run_dir, timeout)
+    finally:
+        _write_index(out)
+
+
+def _run_each(paths: list[Path], out: Path, run_dir: Path, timeout: int) -> int:
     total0 = time.perf_counter()
     for path in paths:
         if _pending:  # between two notebooks: the next one does not start
@@ -289,8 +297,14 @@ def _run_one(path: Path, out: Path, run_dir: Path, timeout: int) -> int:
     # signals from here on are only noted: the cleanup and the executed copy finish first (bounded)
     run.ensure_kernel_gone()
     cleaned = _cleanup(run.kernel_pid, record)
-    _write_copy(nb, out / path.name)
     seconds = time.perf_counter() - t0
+    if stopped_by is not None:
+        _ran[path.name] = (seconds, f"interrupted ({signal.Signals(stopped_by).name})")
+    elif run.error is not None:
+        _ran[path.name] = (seconds, f"FAILED in cell {_error_cell(nb)}: {_error_line(run.error)}")
+    else:
+        _ran[path.name] = (seconds, "ok")
+    _write_copy(nb, out / path.name)
     after = f"; removed what it left: {', '.join(cleaned)}" if cleaned else ""
     if stopped_by is not None:
         where = f"cell {run.cell}" if run.cell is not None else "kernel start"
@@ -312,14 +326,62 @@ def _run_one(path: Path, out: Path, run_dir: Path, timeout: int) -> int:
     return 0
 
 
+_ran: dict[str, tuple[float, str]] = {}  # notebook file -> (seconds, status) in this run
+
+
+def _chapter_files() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
 def _write_copy(nb, target: Path) -> None:
-    """The executed notebook and its HTML, as far as it ran."""
+    """The executed notebook and its HTML (titled, linked to the index and its neighbours), as far as it ran."""
     import nbformat
-    from nbconvert import HTMLExporter
+
+    from .report import chapter_title, export_html
 
     nbformat.write(nb, target)
-    html, _ = HTMLExporter().from_notebook_node(nb)
-    target.with_suffix(".html").write_text(html)
+    names = [p.name for p in _chapter_files()]
+    prev = nxt = None
+    if target.name in names:
+        i = names.index(target.name)
+        neighbour = [
+            (Path(names[j]).with_suffix(".html").name, chapter_title(nbformat.read(NOTEBOOKS / names[j], 4)))
+            for j in (i - 1, i + 1)
+            if 0 <= j < len(names)
+        ]
+        prev = neighbour[0] if i > 0 else None
+        nxt = neighbour[-1] if i + 1 < len(names) else None
+    target.with_suffix(".html").write_text(export_html(nb, chapter_title(nb), prev, nxt))
+
+
+def _write_index(out: Path) -> None:
+    """``index.html`` of this run: every chapter in order, with what this run did of it."""
+    import nbformat
+
+    from .report import build_index, chapter_summary, chapter_title, plot_names, results_topic
+    from .results import _meta
+
+    chapters = []
+    for path in _chapter_files():
+        nb = nbformat.read(path, as_version=4)
+        seconds, status = _ran.get(path.name, (None, "not run in this run"))
+        chapters.append(
+            {
+                "file": path.with_suffix(".html").name,
+                "title": chapter_title(nb),
+                "summary": chapter_summary(nb),
+                "seconds": seconds,
+                "status": status,
+                "topic": results_topic(nb) if path.name in _ran else None,
+                "plots": plot_names(nb) if path.name in _ran else [],
+            }
+        )
+    try:
+        meta = _meta()
+    except Exception as exc:  # noqa: BLE001 - the index must not hide the run's own result
+        meta = {"meta": f"unavailable ({type(exc).__name__})"}
+    shown = {k: meta[k] for k in ("scale", "server_version", "database", "cores", "machine", "commit") if k in meta}
+    build_index(out, chapters, shown)
 
 
 def strip_outputs(paths: list[str]) -> int:

@@ -59,8 +59,10 @@ def test_the_index_lists_chapters_in_order_with_figures_and_existing_thumbnails_
             "plots": [],
         },
     ]
+    (tmp_path / "07_r.html").write_text("<html></html>")
     page = build_index(tmp_path, chapters, {"scale": "ci", "server": "PostgreSQL 18"}).read_text()
     assert page.index("07 · Raw") < page.index("08 · Test")
+    assert 'href="07_r.html"' in page and 'href="08_t.html"' not in page  # links only to pages that exist
     assert "copy fastest: <b>True</b>" in page and "copy &lt; orm" in page
     assert "plots/rawsql_report.png" in page and "rawsql_missing" not in page
     assert "scale: ci" in page and "http" not in page.replace('lang="en"', "")  # readable offline

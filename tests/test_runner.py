@@ -4,6 +4,7 @@ folder, and SIGINT/SIGTERM stop it in one line, leaving nothing the notebook mad
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import pytest
 from conftest import REPO, run_helpers
 
 from helpers import is_embedded, psycopg_conninfo
-from helpers.runner import output_lock, run_notebooks
+from helpers.runner import NOTEBOOKS, output_lock, run_notebooks
 
 
 def test_run_stops_at_failure_and_names_the_cell(tmp_path, monkeypatch, capsys):
@@ -39,6 +40,12 @@ def test_run_stops_at_failure_and_names_the_cell(tmp_path, monkeypatch, capsys):
     assert "98_bad.ipynb ... FAILED in cell 2" in out and "the lesson stopped being true" in out
     assert "99_never" not in out, "the run must stop at the first failure"
     assert (tmp_path / "out" / "98_bad.html").exists(), "the executed copy is kept for reading"
+    index = (tmp_path / "out" / "index.html").read_text()  # written whether the run passed or not
+    titles = [
+        nbformat.read(p, 4).cells[0].source.splitlines()[0][2:] for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    ]
+    assert all(t.replace("&", "&amp;") in index for t in titles), titles
+    assert index.count("not run in this run") == len(titles)
 
 
 def _notebook(path, *sources):
@@ -161,7 +168,6 @@ def test_sigterm_stops_the_run_and_drops_its_database(engine, tmp_path):
 
 def test_only_throwaway_folders_proven_orphaned_are_removed():
     """A `wb-pool-*` folder goes only with the owner file the demo wrote and its owner dead."""
-    import json
     import tempfile
 
     from helpers.pooling import OWNER_FILE, reap_throwaways
