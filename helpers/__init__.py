@@ -49,6 +49,9 @@ _LAZY = {
     "pgbouncer": "helpers.pgbouncer",
     "latency": "helpers.latency",
     "exercises": "helpers.exercises",
+    "capabilities": "helpers.capability",  # module named apart from the function it exports
+    "have": "helpers.capability",
+    "skip_rest_unless": "helpers.capability",
 }
 
 
@@ -158,4 +161,7 @@ __all__ = [
     "monitoring",
     "schema_database",
     "copied_database",
+    "capabilities",
+    "have",
+    "skip_rest_unless",
 ]
