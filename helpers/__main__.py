@@ -57,9 +57,8 @@ def _refused(exc: BaseException) -> str | None:
         return None
     first = (str(orig).strip().splitlines() or ["permission denied"])[0]
     return (
-        f"PostgreSQL refused: {first}. The database {masked(database_url())} belongs to another role, "
-        "so this role may not seed or reset it. Point DATABASE_URL or WORKBOOK_DB "
-        "at a database you own."
+        f"PostgreSQL refused: {first}. In {masked(database_url())} this role may not change what another "
+        "role created, so it cannot seed or reset there. Point DATABASE_URL or WORKBOOK_DB at a database you own."
     )
 
 
