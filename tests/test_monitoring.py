@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
-from helpers import drop_database, make_engine, server, where
+from helpers import drop_database, make_engine, server
 from helpers import monitoring as mon
 from helpers.capability import missing
 from helpers.testdb import copied_database
@@ -119,9 +119,8 @@ def test_pg_stat_statements_reset_and_read_one_database_only(own, engine):
 
 
 def test_auto_explain_plan_is_read_back_from_the_server_log(own):
-    w = where()
-    if not (w["superuser"] and w["kind"] == "embedded"):
-        pytest.skip("needs superuser and the embedded server's log")
+    if reason := missing("auto_explain"):  # superuser and the embedded server's log
+        pytest.skip(reason)
     log = server.status().log
     marker = f"wb_test_{uuid.uuid4().hex[:8]}"
     start = mon.log_size(log)
