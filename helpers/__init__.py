@@ -55,6 +55,9 @@ _LAZY = {
     "latency": "helpers.latency",
     "exercises": "helpers.exercises",
     "bounded": "helpers.waits",  # every wait has a limit; names the blocker when it expires
+    "capabilities": "helpers.capability",  # module named apart from the function it exports
+    "have": "helpers.capability",
+    "skip_rest_unless": "helpers.capability",
 }
 
 
@@ -186,4 +189,7 @@ __all__ = [
     "scratch_name",
     "scratch_suffix",
     "bounded",
+    "capabilities",
+    "have",
+    "skip_rest_unless",
 ]

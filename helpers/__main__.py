@@ -49,6 +49,22 @@ def _db(action: str) -> int:
     return 0
 
 
+def _refused(exc: BaseException) -> str | None:
+    """One paragraph for a seed/reset that the server refused for lack of privilege, else None."""
+    import psycopg
+
+    from .database import database_url, masked
+
+    orig = getattr(exc, "orig", None) or exc.__cause__ or exc
+    if not isinstance(orig, psycopg.errors.InsufficientPrivilege):
+        return None
+    first = (str(orig).strip().splitlines() or ["permission denied"])[0]
+    return (
+        f"PostgreSQL refused: {first}. In {masked(database_url())} this role may not change what another "
+        "role created, so it cannot seed or reset there. Point DATABASE_URL or WORKBOOK_DB at a database you own."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             return strip_outputs(args.notebooks)
     except WorkbookError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        refused = _refused(exc) if args.command in ("seed", "reset") else None
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,25 @@ from psycopg import sql
 
 REPO = Path(__file__).resolve().parent.parent
 
+EMBEDDED_ONLY = (
+    "needs the workbook's embedded server (its own throwaway servers, its defaults); DATABASE_URL is set: "
+    "unset it to run this test"
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"embedded: {EMBEDDED_ONLY} (skipped under DATABASE_URL)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``@pytest.mark.embedded`` skip, with the reason, when DATABASE_URL points elsewhere."""
+    if not os.environ.get("DATABASE_URL"):
+        return
+    skip = pytest.mark.skip(reason=EMBEDDED_ONLY)
+    for item in items:
+        if item.get_closest_marker("embedded"):
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def engine():

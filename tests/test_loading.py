@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
-from helpers import count_queries, exercises, get_engine, lab_schema, latency, models, where
+from helpers import count_queries, exercises, get_engine, lab_schema, latency, models
+from helpers.capability import missing
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_n_plus_one_and_loading.ipynb"
 
@@ -89,8 +90,8 @@ STATS = text(
 
 
 def test_count_queries_agrees_with_pg_stat_statements(engine):
-    if "pg_stat_statements" not in where()["extensions"]:
-        pytest.skip("pg_stat_statements is not installed on this server")
+    if reason := missing("pg_stat_statements"):
+        pytest.skip(reason)
     schema = lab_schema(engine, "loading")
     name = f"probe_{uuid.uuid4().hex[:12]}"  # unique: no other session can add calls to these statements
     md = MetaData(schema=schema)

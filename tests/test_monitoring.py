@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
-from helpers import drop_database, make_engine, server, where
+from helpers import drop_database, make_engine, server
 from helpers import monitoring as mon
+from helpers.capability import missing
 from helpers.testdb import copied_database
 
 SUFFIX = f"montest_{os.getpid()}"
@@ -99,8 +100,8 @@ def test_middleware_headers_count_the_statements_of_each_request(own):
 
 
 def test_pg_stat_statements_reset_and_read_one_database_only(own, engine):
-    if not where()["superuser"]:
-        pytest.skip("resetting pg_stat_statements needs superuser")
+    if reason := missing("pg_stat_statements") or missing("superuser"):
+        pytest.skip(reason)
     marker_sql = "SELECT count(*) FROM users WHERE id = 1 OR id = 2 OR id = 3 OR id = 4 OR id = 5 OR id = 6 OR id = 7"
     with engine.connect() as conn:  # structurally unusual, so its pg_stat_statements entry is this text
         conn.execute(text(marker_sql))
@@ -118,9 +119,8 @@ def test_pg_stat_statements_reset_and_read_one_database_only(own, engine):
 
 
 def test_auto_explain_plan_is_read_back_from_the_server_log(own):
-    w = where()
-    if not (w["superuser"] and w["kind"] == "embedded"):
-        pytest.skip("needs superuser and the embedded server's log")
+    if reason := missing("auto_explain"):  # superuser and the embedded server's log
+        pytest.skip(reason)
     log = server.status().log
     marker = f"wb_test_{uuid.uuid4().hex[:8]}"
     start = mon.log_size(log)

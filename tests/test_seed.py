@@ -88,6 +88,7 @@ def test_ensure_seeded_is_idempotent(engine):
     assert seed.ensure_seeded(engine, "ci") is False
 
 
+@pytest.mark.embedded  # its seed/reset processes use the embedded server (run_helpers drops DATABASE_URL)
 def test_guard_refuses_foreign_tables_and_keeps_them(scratch_db):
     db = scratch_db("guard")
     eng = make_engine(database=db)
