@@ -198,6 +198,8 @@ def test_chapter_runs_and_renders_in_lab(lab, browser, chapter):
             " && p.sessionContext.session.kernel.status === 'idle'; }",
             timeout=LAB_START_S * 1000,
         )
+        # outputs a copy may carry (counts from an earlier run) must not pass for this run's
+        page.evaluate("async () => { await window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs'); }")
         page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
         # done: the kernel is idle, no cell is queued or running, and every code cell ran or one failed
         state = None
@@ -224,6 +226,9 @@ def test_chapter_runs_and_renders_in_lab(lab, browser, chapter):
             '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', has_text="Traceback"
         )
         assert tracebacks.count() == 0, tracebacks.first.inner_text()[:2000]
+
+        tip = panel.locator(".jp-OutputArea-output", has_text="Did not find user configurations")
+        assert tip.count() == 0, "jupysql did not find [tool.jupysql.SqlMagic] in pyproject.toml"
 
         # an inline plot, really decoded by the browser
         img = panel.locator(".jp-OutputArea-output img").first
