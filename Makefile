@@ -11,12 +11,13 @@ NBMAKE := --nbmake --nbmake-timeout=300
 # chapters whose behaviour depends on the server's major version (plans, DDL locks)
 VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/06_zero_downtime_migrations.ipynb
 
-.PHONY: help venv run lab test test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
+.PHONY: help venv run lab test test-browser test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
 
 help:
 	@echo "make run        execute every notebook into output/ (starts the embedded PostgreSQL)"
 	@echo "make test       pytest on helpers + nbmake on every notebook"
-	@echo "make lab        JupyterLab on notebooks/ with the database ready"
+	@echo "make lab        JupyterLab on notebooks/ with the database ready (PORT=8888 IP=0.0.0.0 for a remote machine)"
+	@echo "make test-browser  chapters run in JupyterLab in headless chromium (needs Debian's chromium)"
 	@echo "make db-start | db-stop | db-status | db-log | reset | seed | bench | lint | clean"
 
 # The venv belongs to one checkout path and one user: its qo_workbook.pth, its scripts' #! lines and
@@ -50,9 +51,23 @@ run: venv db-start
 	$(PY) -m helpers seed --if-needed
 	$(PY) -m helpers run
 
+# make lab [PORT=8888] [IP=0.0.0.0]: Jupyter prints the URL with its token (the next free port if PORT is taken);
+# on an address other than localhost (a remote training machine) no browser is started here
+PORT ?= 8888
+IP   ?= 127.0.0.1
 lab: venv db-start
 	$(PY) -m helpers seed --if-needed
-	$(PY) -m jupyter lab --notebook-dir=notebooks $(ROOTFLAG)
+	$(PY) -m jupyter lab --notebook-dir=notebooks --ServerApp.ip=$(IP) --ServerApp.port=$(PORT) \
+	  $(if $(filter 127.0.0.1 localhost,$(IP)),,--no-browser) $(ROOTFLAG)
+
+# JupyterLab in headless chromium runs chapters 00 and 08 (tests/browser). Installs nothing: CI runs
+# .ci/browser-setup for Debian's chromium. Screenshots and logs go to BROWSER_DIR (default: a new temp folder).
+CHROMIUM ?= /usr/bin/chromium
+test-browser: venv db-start
+	@test -x $(CHROMIUM) || { echo "make test-browser: no chromium at $(CHROMIUM) (as root: .ci/browser-setup, or apt-get install chromium)"; exit 1; }
+	@$(PY) -c 'import playwright, ipywidgets' 2>/dev/null || { echo "make test-browser: playwright or ipywidgets missing from $(VENV) (make venv installs requirements.lock)"; exit 1; }
+	$(PY) -m helpers seed --if-needed
+	WORKBOOK_CHROMIUM=$(CHROMIUM) $(if $(BROWSER_DIR),WORKBOOK_BROWSER_DIR=$(BROWSER_DIR)) $(PY) -m pytest -m browser -s tests/browser
 
 test: venv db-start
 	$(PY) -m helpers seed --if-needed
