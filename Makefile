@@ -15,7 +15,7 @@ VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/06_zero_downtime_m
 
 help:
 	@echo "make run        execute every notebook into output/ (starts the embedded PostgreSQL)"
-	@echo "make test       pytest on helpers + nbmake on every notebook"
+	@echo "make test       pytest on helpers + nbmake on every notebook (SCALE=small|large: the notebooks at that scale)"
 	@echo "make lab        JupyterLab on notebooks/ with the database ready (PORT=8888 IP=0.0.0.0 for a remote machine)"
 	@echo "make test-browser  chapters run in JupyterLab in headless chromium (needs Debian's chromium)"
 	@echo "make db-start | db-stop | db-status | db-log | reset | seed | bench | lint | clean"
@@ -69,9 +69,14 @@ test-browser: venv db-start
 	$(PY) -m helpers seed --if-needed
 	WORKBOOK_CHROMIUM=$(CHROMIUM) $(if $(BROWSER_DIR),WORKBOOK_BROWSER_DIR=$(BROWSER_DIR)) $(PY) -m pytest -m browser -s tests/browser
 
+# make test SCALE=small|large: every notebook at that scale, seeded at that scale first (the helper tests
+# do not depend on the scale and run only without SCALE, or with SCALE=ci); a chapter may take minutes there
+TEST_SCALE := $(if $(SCALE),WORKBOOK_SCALE=$(SCALE),)
+TEST_NBMAKE := $(if $(filter small large,$(or $(SCALE),$(WORKBOOK_SCALE))),--nbmake --nbmake-timeout=1200,$(NBMAKE))
+
 test: venv db-start
-	$(PY) -m helpers seed --if-needed
-	$(PY) -m pytest tests notebooks $(NBMAKE)
+	$(TEST_SCALE) $(PY) -m helpers seed --if-needed
+	$(TEST_SCALE) $(PY) -m pytest $(if $(filter-out ci,$(or $(SCALE),$(WORKBOOK_SCALE))),,tests) notebooks $(TEST_NBMAKE)
 
 # the version-specific chapters and tests once more on PostgreSQL 15 (Debian's postgresql-15)
 test-pg15: venv

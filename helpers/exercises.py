@@ -9,6 +9,7 @@ here, and ``tests/test_loading.py`` proves each solution passes and each untouch
 from __future__ import annotations
 
 import html
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,14 +17,32 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, selectinload
 
 from . import models
+from .config import settings
 from .counting import count_queries
+from .seed import SCALES
 
 User, Post, Order = models.User, models.Post, models.Order
 
 #: parameters of the exercises, shared by checkers, starters and solutions
 LISTING_SIZE = 50  # exercise 1: the newest users with their post titles
 NESTED_SIZE = 20  # exercise 2: the newest users, their posts, each post's comment count
-PAGE = (21, 40)  # exercise 3: users with ids in this range, with posts and orders
+
+
+def page_for(scale: str) -> tuple[int, int]:
+    """Exercise 3's 20 users (and chapter 01's cartesian pages): ids whose users own about as many posts and
+    orders at every scale.
+
+    The seed gives user k about ``posts / (2 * sqrt(k * users))`` posts (orders likewise), so the first users
+    own more and more as the scale grows: at ``large`` users 21-40 joined twice are about 1.7 million rows and
+    2 GB of post bodies. Starting at ``21 * (posts / posts at ci) ** 2 / (users / users at ci)`` keeps each
+    user's counts those of ids 21-40 at ``ci``: ids 21-40 at ``ci``, 210-229 at ``small``, 2,100-2,119 at ``large``.
+    """
+    s, ci = SCALES[scale], SCALES["ci"]
+    start = round(21 * (s.posts / ci.posts) ** 2 / (s.users / ci.users))
+    return start, start + 19
+
+
+PAGE = page_for(settings().scale)  # exercise 3: users with ids in this range, with posts and orders
 
 
 # ----------------------------------------------------------------------------- reference solutions
@@ -181,6 +200,7 @@ def names() -> dict:
     import sqlalchemy.orm as orm
 
     ns = {n: getattr(models, n) for n in ("User", "Post", "Comment", "Order", "Tag", "Profile")}
+    ns["exercises"] = sys.modules[__name__]
     ns.update({n: getattr(sqlalchemy, n) for n in ("select", "func", "text")})
     ns.update(
         {

@@ -74,12 +74,21 @@ def lines(
     logy: bool = False,
     marker: str = "o",
     legend_title: str | None = None,
+    errors: tuple[str, str] | None = None,
 ):
-    """One line per value of ``hue`` (e.g. a loader strategy), points marked."""
+    """One line per value of ``hue`` (e.g. a loader strategy), points marked.
+
+    ``errors=(low, high)``: columns of the spread around ``y`` (e.g. min and max over repeats), drawn as error bars.
+    """
     fig, ax = figure(title, xlabel, ylabel, logx=logx, logy=logy)
     for name, part in df.groupby(hue, sort=False):
         part = part.sort_values(x)
-        ax.plot(part[x], part[y], marker=marker, label=str(name))
+        if errors:
+            lo, hi = errors
+            yerr = [(part[y] - part[lo]).clip(lower=0), (part[hi] - part[y]).clip(lower=0)]
+            ax.errorbar(part[x], part[y], yerr=yerr, marker=marker, capsize=3, label=str(name))
+        else:
+            ax.plot(part[x], part[y], marker=marker, label=str(name))
     # outside the axes: never on top of a line, whatever the data looks like
     ax.legend(title=legend_title or hue, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()

@@ -283,3 +283,78 @@ def test_pgbouncer_stop_leaves_nothing(engine):
             text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :a"), {"a": f"{APP}_stop"}
         ).scalar_one()
     assert n == 0
+
+
+# ----------------------------------------------------------------------------- the sizing sweep (chapter 05, section 3)
+def test_fair_gate_serves_waiters_in_arrival_order_and_the_releaser_queues_behind_them():
+    import threading
+    import time
+
+    from helpers.pooling import FairGate
+
+    gate = FairGate(1)
+    assert gate.acquire(0)  # the only permit
+    order, started = [], []
+
+    def waiter(name):
+        started.append(name)
+        assert gate.acquire(5)
+        order.append(name)
+        gate.release()
+
+    threads = []
+    for name in ("b", "c"):  # b queues first, then c
+        threads.append(threading.Thread(target=waiter, args=(name,)))
+        threads[-1].start()
+        while len(gate._waiters) < len(threads):
+            time.sleep(0.001)
+    gate.release()  # the permit goes to b, not back to the pool...
+    assert gate.acquire(5)  # ...so the releasing thread asks again and gets it only after b and c
+    order.append("a")
+    gate.release()
+    for t in threads:
+        t.join(5)
+    assert order == ["b", "c", "a"]
+    assert gate._free == 1 and not gate._waiters
+
+
+def test_fair_gate_timeout_gives_up_and_leaves_the_line():
+    from helpers.pooling import FairGate
+
+    gate = FairGate(1)
+    assert gate.acquire(0)
+    assert gate.acquire(0.05) is False
+    assert not gate._waiters
+    gate.release()
+    assert gate._free == 1
+
+
+def test_closed_loop_counts_every_task_once_and_the_fair_queue_takes_turns():
+    from helpers.pooling import FairGate, closed_loop
+
+    eng = make_engine(pool_size=1, max_overflow=0, connect_args={"application_name": f"{APP}_loop"})
+    try:
+        warm(eng, 1)
+        stmt = text("SELECT pg_sleep(0.005)")
+        plain = closed_loop(eng, workers=4, duration_s=0.4, stmt=stmt)
+        fair = closed_loop(eng, workers=4, duration_s=0.4, stmt=stmt, gate=FairGate(1), settle_s=0.05)
+    finally:
+        eng.dispose()
+    for r in (plain, fair):
+        assert sum(r["per_worker"]) == r["tasks"] > 0 and len(r["per_worker"]) == 4
+        assert r["busy_connections"] <= 1.001  # one connection: never more than one checked out
+        assert 3.6 <= r["in_system"] <= 4.001  # a closed loop: every worker always has a request in the system
+    assert max(fair["per_worker"]) - min(fair["per_worker"]) <= 2  # FIFO: everybody in turn
+    assert 0.7 <= fair["littles_L"] / fair["in_system"] <= 1.3  # L = lambda x W when every request is served
+    # QueuePool hands the connection back to the thread that returned it: one thread does most of the work,
+    # and the starved requests are invisible to lambda x W of the completed ones
+    assert plain["busiest_share"] > 0.5 and plain["littles_L"] < 0.5 * plain["in_system"]
+
+
+def test_sizing_sweep_gives_one_row_per_point_and_repeat():
+    from helpers.pooling import sizing_sweep, spread
+
+    df = sizing_sweep([1, 2], [1, 2], duration_s=0.1, service_ms=2, repeats=3, app=f"{APP}_sweep")
+    assert len(df) == 2 * 2 * 3 and set(df["repeat"]) == {0, 1, 2} and set(df["queue"]) == {"fair"}
+    s = spread(df, ["pool_size", "workers"], "throughput_per_s")
+    assert len(s) == 4 and (s["min"] <= s["median"]).all() and (s["median"] <= s["max"]).all()
