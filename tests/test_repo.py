@@ -173,3 +173,19 @@ def test_docker_compose_runs_postgresql_with_the_embedded_servers_plan_settings(
     for name in ["shared_buffers", "work_mem", "maintenance_work_mem", "max_connections", "jit", "compute_query_id"]:
         value = re.search(rf"^{name} = '?([^'\n]+)'?$", conf, re.M).group(1)
         assert f"{name}={value}" in command, f"docker-compose.yml lacks -c {name}={value}"
+
+
+def test_readme_lists_every_setting_of_the_embedded_server():
+    """Plans and timings depend on these: a learner comparing with a server of their own must see them all."""
+    import inspect
+
+    from helpers import server
+
+    conf = inspect.getsource(server._write_conf)
+    readme = (REPO / "README.md").read_text()
+    local = {"listen_addresses", "port", "unix_socket_directories", "log_line_prefix", "logging_collector"}
+    settings = re.findall(r"^([a-z_.]+) = (.+)$", conf, re.M)
+    assert len(settings) > 10
+    for name, value in settings:
+        if name not in local:
+            assert f"`{name} = " in readme, f"README does not list {name}"
