@@ -76,7 +76,7 @@ TEST_NBMAKE := $(if $(filter small large,$(or $(SCALE),$(WORKBOOK_SCALE))),--nbm
 
 test: venv db-start
 	$(TEST_SCALE) $(PY) -m helpers seed --if-needed
-	$(TEST_SCALE) $(PY) -m pytest $(if $(filter-out ci,$(or $(SCALE),$(WORKBOOK_SCALE))),,tests) notebooks $(TEST_NBMAKE)
+	$(TEST_SCALE) $(PY) -m pytest $(if $(filter-out ci,$(or $(SCALE),$(WORKBOOK_SCALE))),,tests) notebooks $(TEST_NBMAKE) --durations=15
 
 # the version-specific chapters and tests once more on PostgreSQL 15 (Debian's postgresql-15)
 test-pg15: venv
