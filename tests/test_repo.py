@@ -102,7 +102,7 @@ def test_gitignore_covers_generated_files():
 
 def test_ruff_is_clean():
     res = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", *LINTED],
+        [sys.executable, "-m", "ruff", "check", "--no-cache", *LINTED],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -133,7 +133,10 @@ def test_a_test_run_writes_its_artifacts_outside_output():
 def test_ruff_format_is_clean():
     code = [p for p in LINTED if p != "notebooks"]  # notebooks are linted, not reformatted
     res = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", *code], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "ruff", "format", "--no-cache", "--check", *code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stdout[-3000:]
 
@@ -186,6 +189,6 @@ def test_readme_lists_every_setting_of_the_embedded_server():
     local = {"listen_addresses", "port", "unix_socket_directories", "log_line_prefix", "logging_collector"}
     settings = re.findall(r"^([a-z_.]+) = (.+)$", conf, re.M)
     assert len(settings) > 10
-    for name, value in settings:
+    for name, _value in settings:
         if name not in local:
             assert f"`{name} = " in readme, f"README does not list {name}"

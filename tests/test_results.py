@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import run_helpers
+
 from helpers.results import compare_results, ordering
 
 

@@ -6,9 +6,9 @@ import secrets
 
 import psycopg
 import pytest
+from conftest import run_helpers
 from psycopg import sql
 
-from conftest import run_helpers
 from helpers.database import _libpq_kwargs, database_url
 
 ROLE = "wb_test_trainee"
