@@ -3,6 +3,7 @@ wait of its DDL is bounded and names its blocker (issue 13, items 1 and 5, and C
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +36,13 @@ def _tables(db: str) -> set[str]:
         return {r[0] for r in rows}
 
 
+def _same_server() -> dict:
+    """Environment that points a subprocess at the server these tests use (``run_helpers`` drops
+    DATABASE_URL so that tests get the embedded server; under DATABASE_URL, keep it)."""
+    url = os.environ.get("DATABASE_URL")
+    return {"DATABASE_URL": url} if url else {}
+
+
 def _assert_short(res: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) <= 8, res.stderr
@@ -48,7 +56,7 @@ def test_a_users_table_of_your_own_is_refused_and_kept(scratch_db, command):
     with _connect(db) as conn:
         conn.execute("CREATE TABLE users (id int PRIMARY KEY, precious text)")
         conn.execute("INSERT INTO users VALUES (1, 'irreplaceable')")
-    res = run_helpers(command, "--scale", "ci", env={"WORKBOOK_DB": db})
+    res = run_helpers(command, "--scale", "ci", env={**_same_server(), "WORKBOOK_DB": db})
     assert res.returncode != 0, res.stdout + res.stderr
     assert "public.users" in res.stderr and "Nothing was changed" in res.stderr, res.stderr
     _assert_short(res)
@@ -81,7 +89,7 @@ def test_force_with_a_foreign_users_keeps_it_and_says_why(scratch_db):
     with _connect(db) as conn:
         conn.execute("CREATE TABLE users (id int PRIMARY KEY, precious text)")
         conn.execute("INSERT INTO users VALUES (1, 'irreplaceable')")
-    res = run_helpers("seed", "--scale", "ci", "--force", env={"WORKBOOK_DB": db})
+    res = run_helpers("seed", "--scale", "ci", "--force", env={**_same_server(), "WORKBOOK_DB": db})
     assert res.returncode != 0, res.stdout + res.stderr
     assert "public.users" in res.stderr and "never drops one" in res.stderr, res.stderr
     _assert_short(res)
@@ -232,11 +240,11 @@ def test_an_old_marker_beside_a_users_table_of_your_own_is_not_adopted(scratch_d
             "INSERT INTO workbook_meta VALUES ('owner', 'qo-workbook'), ('scale', 'ci'), ('seed', '42'), "
             "('schema_version', 'x'), ('complete', 'false')"
         )
-    res = run_helpers("seed", "--scale", "ci", env={"WORKBOOK_DB": db})
+    res = run_helpers("seed", "--scale", "ci", env={**_same_server(), "WORKBOOK_DB": db})
     assert res.returncode != 0
     assert "public.users" in res.stderr and "older workbook's marker" in res.stderr and "precious" in res.stderr
     _assert_short(res)
-    res = run_helpers("seed", "--scale", "ci", "--force", env={"WORKBOOK_DB": db})
+    res = run_helpers("seed", "--scale", "ci", "--force", env={**_same_server(), "WORKBOOK_DB": db})
     assert res.returncode != 0 and "never drops one" in res.stderr
     with _connect(db) as conn:
         assert conn.execute("SELECT id, precious FROM users").fetchall() == [(1, "irreplaceable")]
@@ -275,7 +283,13 @@ def test_a_session_reading_users_stops_the_seed_within_the_limit_and_is_named(sc
         holder.execute("SELECT count(*) FROM users")  # BEGIN; ACCESS SHARE on users, held open
         pid = holder.info.backend_pid
         t0 = time.perf_counter()
-        res = run_helpers(command, "--scale", "ci", env={"WORKBOOK_DB": db, "WORKBOOK_LOCK_TIMEOUT": "1s"}, timeout=60)
+        res = run_helpers(
+            command,
+            "--scale",
+            "ci",
+            env={**_same_server(), "WORKBOOK_DB": db, "WORKBOOK_LOCK_TIMEOUT": "1s"},
+            timeout=60,
+        )
         elapsed = time.perf_counter() - t0
         holder.rollback()
     assert res.returncode != 0, res.stdout + res.stderr
@@ -380,7 +394,7 @@ def test_ctrl_c_during_the_seed_exits_130_and_keeps_nothing(scratch_db):
         for k, v in __import__("os").environ.items()
         if k not in {"DATABASE_URL", "WORKBOOK_PORT", "WORKBOOK_STATE"}
     }
-    env["WORKBOOK_DB"] = db
+    env.update(_same_server(), WORKBOOK_DB=db)
     proc = subprocess.Popen(
         [sys.executable, "-m", "helpers", "seed", "--scale", "small"],
         cwd=REPO,
