@@ -31,6 +31,7 @@ from sqlalchemy import Engine, event, text
 
 from .config import REPO_ROOT, WorkbookError
 from .database import database_url, psycopg_conninfo
+from .processes import alive
 
 ROLE_PREFIX = "wb_pool_limited_"
 
@@ -671,17 +672,6 @@ def _write_owner(state: str, child: int | None) -> None:
     os.replace(tmp, os.path.join(state, OWNER_FILE))
 
 
-def _alive(pid: int | None) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def _runs_in_env(pid: int, variable: str, value: str) -> bool:
     """True when process ``pid`` was started with ``variable=value`` (proof that a recorded pid is still
     the process we started, not a stranger that got the number since)."""
@@ -704,14 +694,14 @@ def _processes_in(folder: str) -> list[int]:
         except OSError:
             continue
         cwd = cwd.removesuffix(" (deleted)")
-        if (cwd == folder or cwd.startswith(folder + os.sep)) and _alive(int(entry)):
+        if (cwd == folder or cwd.startswith(folder + os.sep)) and alive(int(entry)):
             found.append(int(entry))
     return found
 
 
 def _wait_gone(pids, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids):
+    while any(alive(p) for p in pids):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
@@ -743,7 +733,7 @@ def reap_throwaways(owner_pid: int | None = None, *, wait_s: float = 60) -> list
         if not isinstance(owner, dict) or owner.get("mark") != _OWNER_MARK:
             continue
         pid, child = owner.get("owner"), owner.get("child")
-        if not isinstance(pid, int) or (owner_pid is not None and pid != owner_pid) or _alive(pid):
+        if not isinstance(pid, int) or (owner_pid is not None and pid != owner_pid) or alive(pid):
             continue
         child = child if isinstance(child, int) and _runs_in_env(child, "WORKBOOK_STATE", folder) else None
         if child and not _wait_gone([child], wait_s):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .config import REPO_ROOT, WorkbookError, output_dir
+from .processes import alive
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 LOCK_NAME = ".run.lock"
@@ -79,17 +80,6 @@ def _remember(signum, _frame):
     _pending.append(signum)
 
 
-def _alive(pid: int | None) -> bool:
-    """True while ``pid`` runs; a zombie (dead, not yet reaped) counts as gone."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def _our_kernel(pid: int) -> bool:
     """The process is a kernel this process started (jupyter_client gives it JPY_PARENT_PID=<us>), not
     a stranger that got the number after the kernel was reaped."""
@@ -140,7 +130,7 @@ class _Execution:
 
     def _signal(self, signum: int) -> None:
         pid = self._pid()
-        if pid and _alive(pid) and _our_kernel(pid):
+        if pid and alive(pid) and _our_kernel(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signum)  # the kernel leads its own session (jupyter_client starts it so)
 
@@ -161,9 +151,9 @@ class _Execution:
     def ensure_kernel_gone(self) -> None:
         pid = self._pid()
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
+        if alive(pid):
             self._signal(signal.SIGKILL)
 
 
