@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from functools import cached_property
 from pathlib import Path
 
@@ -161,4 +162,22 @@ def checkout_hash() -> str:
 def output_dir(*parts: str) -> Path:
     path = settings().output_dir.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_whole(path: Path, write) -> Path:
+    """Replace ``path`` in one step with what ``write(binary_file)`` writes.
+
+    The temporary file is this call's own, so two kernels writing one output file at once (two
+    learners sharing an output folder) each replace it whole and never rename each other's.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are for reading, as write_text's were
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

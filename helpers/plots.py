@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .config import output_dir
+from .config import output_dir, write_whole
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 STYLE = {
@@ -173,5 +173,5 @@ def heatmap(
 def save(fig, name: str) -> str:
     """Write ``output/plots/<name>.png``; returns the path."""
     path = output_dir("plots") / f"{name}.png"
-    fig.savefig(path)
+    write_whole(path, lambda fh: fig.savefig(fh, format="png"))
     return str(path)

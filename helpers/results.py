@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from .config import WorkbookError, output_dir, settings
+from .config import WorkbookError, output_dir, settings, write_whole
 
 _TOPIC = re.compile(r"^[a-z0-9_]+$")
 
@@ -118,9 +118,8 @@ def record(topic: str, data: dict, conclusions: dict | None = None) -> Path:
         payload["conclusions"] = _plain(dict(conclusions))
     payload["meta"] = _meta()
     path = output_dir("results") / f"{topic}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    tmp.replace(path)
+    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    write_whole(path, lambda fh: fh.write(text.encode()))
     return path
 
 

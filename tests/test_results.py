@@ -50,3 +50,22 @@ def test_compare_results_command_exits_1_on_a_flipped_ordering_and_0_on_agreemen
     assert same.returncode == 0 and "agrees" in same.stdout
     missing = run_helpers("compare-results", str(tmp_path / "nowhere"), a)
     assert missing.returncode == 2 and len(missing.stderr.splitlines()) <= 3
+
+
+def test_two_kernels_recording_one_topic_at_once_each_replace_it_whole(tmp_path, engine, monkeypatch):
+    """Two learners sharing one output folder: the old fixed ``<topic>.json.tmp`` let one kernel
+    rename the other's temporary file away (FileNotFoundError in chapter 03, run twice at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import record
+
+    monkeypatch.setenv("WORKBOOK_OUTPUT", str(tmp_path))
+
+    def write(i):
+        return record("shared", {"writer": i}, conclusions={"n": 1})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, range(64)))
+    folder = tmp_path / "results"
+    assert [p.name for p in folder.iterdir()] == ["shared.json"]
+    assert json.loads((folder / "shared.json").read_text())["conclusions"] == {"n": 1}
