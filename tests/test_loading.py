@@ -5,7 +5,6 @@ The ``engine`` fixture (the shared workbook engine) comes from conftest.py.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -22,52 +21,10 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_n_plus_one
 
 
 # ----------------------------------------------------------------------------- exercises
-def _starters() -> dict:
-    """The starter functions exactly as the notebook ships them (cells tagged ``exercise-starter``)."""
-    nb = json.loads(NOTEBOOK.read_text())
-    found = {}
-    for cell in nb["cells"]:
-        tags = cell.get("metadata", {}).get("tags", [])
-        if "exercise-starter" not in tags:
-            continue
-        name = next(t for t in tags if t != "exercise-starter")
-        ns = exercises.names()
-        before = set(ns)
-        exec("".join(cell["source"]), ns)  # noqa: S102 - the notebook's own cell, to prove it fails its checker
-        (fn_name,) = [k for k in ns if k not in before and callable(ns[k]) and not k.startswith("__")]
-        found[name] = ns[fn_name]
-    return found
-
-
-def test_every_exercise_has_a_starter_in_the_notebook():
-    assert set(_starters()) == set(exercises.EXERCISES)
-    assert len(exercises.EXERCISES) >= 3
-
-
-@pytest.mark.parametrize("name", sorted(exercises.EXERCISES))
-def test_reference_solution_passes_its_checker(engine, name):
-    verdict = exercises.check(name, exercises.EXERCISES[name].solution, engine)
-    assert verdict.passed, verdict
-    assert verdict.same_result and verdict.statements <= verdict.max_statements
-
-
-@pytest.mark.parametrize("name", sorted(exercises.EXERCISES))
-def test_untouched_starter_fails_its_checker(engine, name):
-    verdict = exercises.check(name, _starters()[name], engine)
-    assert not verdict.passed, verdict
-    assert verdict.same_result  # the starters are slow, not wrong: they fail on statements or rows
-    assert verdict.statements > verdict.max_statements or verdict.rows > verdict.max_rows
-
-
-def test_checker_reports_a_wrong_result_and_an_exception_without_raising(engine):
-    wrong = exercises.check("fix_listing", lambda s: exercises.solution_fix_listing(s)[:-1], engine)
-    assert not wrong.passed and not wrong.same_result and "differs" in wrong.message
-
-    def boom(session):
-        raise RuntimeError("oops")
-
-    raised = exercises.check("fix_listing", boom, engine)
-    assert not raised.passed and "RuntimeError" in raised.message
+# tests/test_exercises.py proves every chapter's exercises (starter, wrong answer, solution, twice).
+def test_chapter_01_checker_measures_statements_rows_and_the_result(engine):
+    ok = exercises.check("no_cartesian", exercises.of_chapter("01")[2].solution, engine)
+    assert ok.passed and ok.same_result and ok.statements <= ok.max_statements and ok.rows <= ok.max_rows
 
 
 # ----------------------------------------------------------------------------- loader counts
