@@ -1,7 +1,15 @@
 # Query Optimization Workbook — `make run` executes the workbook, `make test` tests it.
 # Everything runs from .venv (created here, re-installed only when requirements.lock changes).
 PYTHON ?= python3
-VENV   := .venv
+# VENV: the Python environment everything runs in. The default, .venv, is made here from requirements.lock.
+# An environment made elsewhere is used as it is, and nothing is installed into it: an activated conda
+# environment named qo-workbook (`conda env create -f environment.yml`) is detected, or pass any other with
+# `make run VENV=$CONDA_PREFIX` (or a venv's folder). make checks that it holds the lock's pins
+# (helpers/envcheck.py) and puts the checkout on PYTHONPATH instead of writing a .pth into it.
+ifeq ($(origin VENV),undefined)
+VENV := $(if $(and $(CONDA_PREFIX),$(filter qo-workbook,$(CONDA_DEFAULT_ENV))),$(CONDA_PREFIX),.venv)
+endif
+EXTERNAL := $(filter-out .venv $(CURDIR)/.venv,$(VENV))
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ROOTFLAG = $(if $(filter 0,$(VENV_UID)),--allow-root,)
@@ -31,7 +39,14 @@ endif
 .PHONY: FORCE
 FORCE:
 
+ifdef EXTERNAL
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+venv:
+	@test -x $(PY) || { echo 'VENV=$(VENV): no $(PY) there (for conda: VENV=$$CONDA_PREFIX, in the activated environment)'; exit 1; }
+	@$(PY) helpers/envcheck.py requirements.lock
+else
 venv: $(STAMP)
+endif
 $(STAMP): requirements.lock pyproject.toml $(VENV_ELSEWHERE)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required, found " + sys.version.split()[0]'
 	@# built for another checkout path or user (or half built): start afresh
@@ -119,4 +134,4 @@ clean:
 
 distclean: clean
 	-$(PY) -m helpers db stop
-	rm -rf $(VENV) .pgstate
+	rm -rf .venv .pgstate

@@ -401,7 +401,8 @@ def write_environment_yml() -> None:
         [
             "# The same exact set as requirements.lock, for conda users:",
             "#   conda env create -f environment.yml && conda activate qo-workbook",
-            "# then run the notebooks with `python -m helpers run` (or `make run PYTHON=python`).",
+            "# then `make run`, `make test` and `make lab` use this environment (detected by its name; or pass",
+            "#   VENV=$CONDA_PREFIX) and install nothing into it.",
             "# Kept in sync by `make lock`; tests/test_repo.py checks both list the same packages.",
             "name: qo-workbook",
             "channels:",
