@@ -22,7 +22,7 @@ VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/06_zero_downtime_m
 .PHONY: help venv run lab test test-browser test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
 
 help:
-	@echo "make run        execute every notebook into output/ (starts the embedded PostgreSQL)"
+	@echo "make run        execute every notebook into output/ (starts the embedded PostgreSQL; CHAPTERS=\"00 02\": only those)"
 	@echo "make test       pytest on helpers + nbmake on every notebook (SCALE=small|large: the notebooks at that scale)"
 	@echo "make lab        JupyterLab on notebooks/ with the database ready (PORT=8888 IP=0.0.0.0 for a remote machine)"
 	@echo "make test-browser  chapters run in JupyterLab in headless chromium (needs Debian's chromium)"
@@ -62,9 +62,10 @@ $(STAMP): requirements.lock pyproject.toml $(VENV_ELSEWHERE)
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "qo_workbook.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	@echo '$(VENV_ID)' > $(STAMP)
 
+# make run [CHAPTERS="00 02"]: every chapter, or those (by number), executed into output/
 run: venv db-start
 	$(PY) -m helpers seed --if-needed
-	$(PY) -m helpers run
+	$(PY) -m helpers run $(CHAPTERS)
 
 # make lab [PORT=8888] [IP=0.0.0.0]: Jupyter prints the URL with its token (the next free port if PORT is taken);
 # on an address other than localhost (a remote training machine) no browser is started here

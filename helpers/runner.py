@@ -32,15 +32,30 @@ STOP_GRACE_S = 15.0  # after the interrupt, how long the kernel may take to stop
 
 
 def notebooks(selected: list[str] | None = None) -> list[Path]:
-    if selected:
-        paths = [Path(p).resolve() for p in selected]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise WorkbookError(
-                f"No such notebook: {', '.join(missing)}. Name .ipynb files, e.g. notebooks/00_*.ipynb."
-            )
-        return paths
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    """The chapters to run, in reading order: all of them, or those ``selected`` names.
+
+    A selection names notebook files, or chapters by number: ``00`` is ``notebooks/00_*.ipynb``, and
+    ``01`` is every notebook of chapter 01 (``01a_...``, ``01b_...`` when it is split in two).
+    """
+    if not selected:
+        return _chapter_files()
+    paths, missing = [], []
+    for name in selected:
+        if name.endswith(".ipynb"):
+            path = Path(name).resolve()
+            found = [path] if path.is_file() else []
+        else:
+            found = [p for p in _chapter_files() if p.name.split("_")[0].startswith(name)]
+        paths += found
+        if not found:
+            missing.append(name)
+    if missing:
+        numbers = " ".join(p.name.split("_")[0] for p in _chapter_files())
+        raise WorkbookError(
+            f"No such notebook or chapter: {', '.join(missing)}. "
+            f"Name chapters by number ({numbers}) or .ipynb files, e.g. notebooks/00_setup_and_seed.ipynb."
+        )
+    return paths
 
 
 @contextlib.contextmanager
@@ -320,7 +335,8 @@ _ran: dict[str, tuple[float, str]] = {}  # notebook file -> (seconds, status) in
 
 
 def _chapter_files() -> list[Path]:
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    """Every chapter notebook in reading order: ``NN_topic`` or, for a chapter split in two, ``NNa_``/``NNb_``."""
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
 
 
 def _write_copy(nb, target: Path) -> None:

@@ -42,7 +42,7 @@ def test_run_stops_at_failure_and_names_the_cell(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "98_bad.html").exists(), "the executed copy is kept for reading"
     index = (tmp_path / "out" / "index.html").read_text()  # written whether the run passed or not
     titles = [
-        nbformat.read(p, 4).cells[0].source.splitlines()[0][2:] for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+        nbformat.read(p, 4).cells[0].source.splitlines()[0][2:] for p in sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
     ]
     assert all(t.replace("&", "&amp;") in index for t in titles), titles
     assert index.count("not run in this run") == len(titles)
@@ -190,3 +190,16 @@ def test_only_throwaway_folders_proven_orphaned_are_removed():
     finally:
         for folder in made.values():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_chapters_are_selected_by_number_and_a_wrong_one_is_named():
+    from helpers.config import WorkbookError
+    from helpers.runner import notebooks
+
+    every = notebooks()
+    assert [p.name.split("_")[0] for p in notebooks(["00"])] == ["00"]
+    first = [p for p in every if p.name.startswith("01")]
+    assert notebooks(["01"]) == first and len(first) >= 1  # a split chapter: 01a and 01b, in order
+    with pytest.raises(WorkbookError) as bad:
+        notebooks(["42"])
+    assert "42" in str(bad.value) and "00" in str(bad.value) and len(str(bad.value).splitlines()) == 1
