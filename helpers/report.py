@@ -31,8 +31,29 @@ def chapter_title(nb) -> str:
     return "Notebook"
 
 
+_LEARN = re.compile(r"^>\s*\*\*You'll learn:\*\*\s*(.+)$", re.M)
+_TIME = re.compile(r"^>\s*\*\*Time:\*\*\s*(.+)$", re.M)
+
+
+def chapter_time(nb) -> str:
+    """The teaching time the chapter's box states (``> **Time:** about N minutes ...``), or ``""``."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            found = _TIME.search(cell.source)
+            if found:
+                return found.group(1).strip()
+            return ""
+    return ""
+
+
 def chapter_summary(nb) -> str:
-    """The first paragraph after the title: one line for the index."""
+    """One line for the index: the box's "You'll learn", else the first sentence after the title."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            found = _LEARN.search(cell.source)
+            if found:
+                return " ".join(found.group(1).split())
+            break
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             paragraphs = [p.strip() for p in cell.source.split("\n\n")]
@@ -72,11 +93,29 @@ def _nav(prev: tuple[str, str] | None, nxt: tuple[str, str] | None) -> str:
     return f'<nav style="{_NAV_STYLE}">' + "".join(parts) + "</nav>"
 
 
-def export_html(nb, title: str, prev: tuple[str, str] | None = None, nxt: tuple[str, str] | None = None) -> str:
-    """The notebook as HTML, titled after its chapter, with links to the index and its neighbours."""
+# JupyterLab's HTML template without its scripts from CDNs (require.js, MathJax, Mermaid, the widget
+# manager from unpkg): the pages are static (tables, images, text; widgets keep their text fallback,
+# which the kernel records beside the widget), so they read the same offline.
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def _exporter():
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nb, resources={"metadata": {"name": title}})
+    return HTMLExporter(
+        extra_loaders=[DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})], template_file="offline.html.j2"
+    )
+
+
+def export_html(nb, title: str, prev: tuple[str, str] | None = None, nxt: tuple[str, str] | None = None) -> str:
+    """The notebook as HTML, titled after its chapter, with links to the index and its neighbours."""
+    body, _ = _exporter().from_notebook_node(nb, resources={"metadata": {"name": title}})
     nav = _nav(prev, nxt)
     body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1)
     return re.sub(r"(</body>)", lambda m: nav + m.group(1), body, count=1)
@@ -99,6 +138,11 @@ def _figures(data: dict, limit: int = 6) -> list[tuple[str, str]]:
     return out
 
 
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's inline `code` as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def build_index(out: Path, chapters: list[dict], meta: dict) -> Path:
     """Write ``out/index.html``: chapters in order, one-line summary, time, key figures, plot thumbnails.
 
@@ -118,14 +162,17 @@ def build_index(out: Path, chapters: list[dict], meta: dict) -> Path:
             for p in ch.get("plots", [])
             if (out / "plots" / f"{p}.png").exists()
         )
-        seconds = f"{ch['seconds']:.0f} s" if ch.get("seconds") is not None else "not run"
+        status = ch.get("status") or "not run in this run"
+        about = [f"{status} in {ch['seconds']:.0f} s" if ch.get("seconds") is not None else status]
+        if ch.get("time"):
+            about.append(f"teaching time: {ch['time']}")
         title = html.escape(ch["title"])
         if (out / ch["file"]).exists():  # no link to a page this folder does not hold
             title = f'<a href="{html.escape(ch["file"])}">{title}</a>'
         rows.append(
             f"<section><h2>{title}</h2>"
-            f"<p>{html.escape(ch.get('summary', ''))}</p>"
-            f"<p class=meta>{html.escape(ch.get('status', ''))} · ran in {seconds}</p>"
+            f"<p>{_inline(ch.get('summary', ''))}</p>"
+            f"<p class=meta>{_inline(' · '.join(about))}</p>"
             f"{figures}<div class=thumbs>{thumbs}</div></section>"
         )
     facts = " · ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in meta.items())

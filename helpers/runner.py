@@ -364,7 +364,7 @@ def _write_index(out: Path) -> None:
     """``index.html`` of this run: every chapter in order, with what this run did of it."""
     import nbformat
 
-    from .report import build_index, chapter_summary, chapter_title, plot_names, results_topic
+    from .report import build_index, chapter_summary, chapter_time, chapter_title, plot_names, results_topic
     from .results import _meta
 
     chapters = []
@@ -376,6 +376,7 @@ def _write_index(out: Path) -> None:
                 "file": path.with_suffix(".html").name,
                 "title": chapter_title(nb),
                 "summary": chapter_summary(nb),
+                "time": chapter_time(nb),
                 "seconds": seconds,
                 "status": status,
                 "topic": results_topic(nb) if path.name in _ran else None,

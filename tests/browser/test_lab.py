@@ -271,3 +271,49 @@ def test_chapter_runs_and_renders_in_lab(lab, browser, chapter):
     ]
     assert not errors, "errors in the browser console (extensions that failed to load, ...):\n" + "\n".join(errors)
     assert _checkout_state() == before, "the browser test changed notebooks/ in the checkout"
+
+
+def test_the_run_index_and_every_page_it_links_work_offline(lab, browser):
+    """A run of the same chapters into the scratch folder: index.html opened in Chromium with the network
+    cut off, every link followed, every page and image loaded from the run's folder alone."""
+    scratch = lab["scratch"]
+    out = scratch / "run-output"
+    env = {**os.environ, "WORKBOOK_OUTPUT": str(out), "PLOOMBER_STATS_ENABLED": "false"}
+    run = subprocess.run(
+        [sys.executable, "-m", "helpers", "run", *[c.split("_")[0] for c in CHAPTERS]],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=CHAPTER_S,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    remote: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith("file://"):
+            route.continue_()
+        else:
+            remote.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    try:
+        index = out / "index.html"
+        page.goto(index.as_uri())
+        page.screenshot(path=str(scratch / "index.png"), full_page=True)
+        hrefs = page.eval_on_selector_all("a[href]", "as => as.map(a => a.getAttribute('href'))")
+        local = sorted({h.split("#")[0] for h in hrefs if h and not h.startswith(("http:", "https:", "#"))})
+        ran = sorted(p.name for p in out.glob("*.html") if p.name != "index.html")
+        assert set(ran) <= set(local), f"chapters of the run not linked from the index: {set(ran) - set(local)}"
+        for href in local:
+            target = (out / href).resolve()
+            assert target.is_file(), f"index.html links to {href}, which the run did not write"
+            if target.suffix == ".html":
+                page.goto(target.as_uri())
+                broken = page.eval_on_selector_all(
+                    "img", "is => is.filter(i => !(i.complete && i.naturalWidth > 0)).length"
+                )
+                assert broken == 0, f"{href}: {broken} image(s) did not load"
+                back = page.eval_on_selector_all("a[href]", "as => as.map(a => a.getAttribute('href'))")
+                assert "index.html" in back, f"{href} has no link back to the index"
+        assert not remote, f"the pages asked the network for: {sorted(set(remote))[:5]}"
+    finally:
+        page.close()
