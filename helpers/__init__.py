@@ -58,6 +58,7 @@ _LAZY = {
     "capabilities": "helpers.capability",  # module named apart from the function it exports
     "have": "helpers.capability",
     "skip_rest_unless": "helpers.capability",
+    "progress": "helpers.progress",  # a bar in JupyterLab, one line in a headless run
 }
 
 
@@ -192,4 +193,5 @@ __all__ = [
     "capabilities",
     "have",
     "skip_rest_unless",
+    "progress",
 ]

@@ -15,6 +15,8 @@ _OWN: list[str] = []
 
 
 def pytest_configure(config):
+    # kernels nbmake starts are headless: progress() prints one line there instead of a widget's first frame
+    os.environ.setdefault("WORKBOOK_HEADLESS", "1")
     if "WORKBOOK_OUTPUT" not in os.environ:
         path = tempfile.mkdtemp(prefix="wb-test-output-")
         os.environ["WORKBOOK_OUTPUT"] = path

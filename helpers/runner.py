@@ -225,6 +225,7 @@ def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
     from .database import RUN_RECORD_ENV
 
     paths = notebooks(selected)
+    os.environ["WORKBOOK_HEADLESS"] = "1"  # the kernels inherit it: helpers.progress prints one line, no widget
     try:
         out = output_dir()
     except OSError as exc:

@@ -107,7 +107,7 @@ def lab():
         (settings / rel).write_text(json.dumps(value))
     port, token = _free_port(), secrets.token_hex(16)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "WORKBOOK_HEADLESS"},  # a learner's Lab: bars are widgets
         "WORKBOOK_OUTPUT": str(scratch / "output"),
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
         "JUPYTERLAB_WORKSPACES_DIR": str(scratch / "lab-workspaces"),
