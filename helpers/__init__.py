@@ -58,7 +58,7 @@ _LAZY = {
     "capabilities": "helpers.capability",  # module named apart from the function it exports
     "have": "helpers.capability",
     "skip_rest_unless": "helpers.capability",
-    "progress": "helpers.progress",  # a bar in JupyterLab, one line in a headless run
+    "progress": "helpers.progressbar",  # a bar in JupyterLab, one line in a headless run
 }
 
 

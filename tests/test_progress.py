@@ -1,4 +1,4 @@
-"""helpers.progress: one closing line in a headless run, tqdm's bar where a frontend watches."""
+"""helpers.progress (helpers/progressbar.py): one closing line in a headless run, tqdm's bar where a frontend watches."""
 
 from __future__ import annotations
 
