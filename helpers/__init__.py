@@ -45,7 +45,10 @@ _LAZY = {
     "blocking": "helpers.locks",
     "retry": "helpers.retrying",  # module named apart from the function it exports
     "anomalies": "helpers.anomalies",
-    "ddl": "helpers.ddl",
+    "lockwatch": "helpers.lockwatch",  # chapter 06: which lock a DDL takes, whom it blocks, what it rewrites
+    "loadgen": "helpers.loadgen",  # chapter 06: readers, writers and inserters whose every wait is kept
+    "migrate": "helpers.migrate",  # chapter 06: the Alembic project from Python, and squawk on its SQL
+    "alembic_config": "helpers.migrate",
     "monitoring": "helpers.monitoring",
     "schema_database": "helpers.testdb",
     "copied_database": "helpers.testdb",
@@ -151,7 +154,10 @@ __all__ = [
     "WorkbookError",
     "anomalies",
     "bulk",
-    "ddl",
+    "lockwatch",
+    "loadgen",
+    "migrate",
+    "alembic_config",
     "pgbouncer",
     "pooling",
     "assert_max_queries",

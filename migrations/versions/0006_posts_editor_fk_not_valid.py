@@ -19,12 +19,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '2s'")
     op.add_column("posts", sa.Column("editor_id", sa.Integer(), nullable=True))
     op.create_foreign_key("posts_editor_id_fkey", "posts", "users", ["editor_id"], ["id"], postgresql_not_valid=True)
 
 
 def downgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '2s'")
     op.drop_constraint("posts_editor_id_fkey", "posts", type_="foreignkey")
     op.drop_column("posts", "editor_id")

@@ -4,6 +4,13 @@ Old code writes ``name``, new code writes ``full_name``: a trigger keeps the two
 one a statement sets, so both versions of the application can run side by side. The backfill
 runs in committed batches. Reads switch to ``full_name`` in the application; 0009 contracts.
 
+Resumable: every step can run again (``ADD COLUMN IF NOT EXISTS``, ``CREATE OR REPLACE``), and the
+backfill walks the primary key in ranges (keyset batches, as 0003: no batch re-reads the rows
+already filled, unlike ``WHERE id IN (SELECT ... LIMIT n)``), each batch its own transaction. When a
+batch fails (a lock timeout: env.py retries the revision), what committed stays and the next run
+goes on from there. Each step commits on its own (autocommit_block), so the ACCESS EXCLUSIVE of
+``ADD COLUMN`` and ``CREATE TRIGGER`` is held for a moment each, never across the backfill.
+
 Revision ID: 0008
 Revises: 0007
 """
@@ -11,7 +18,7 @@ Revises: 0007
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision = "0008"
 down_revision = "0007"
@@ -34,25 +41,26 @@ END $$
 """
 
 
+BATCH = sa.text("UPDATE users SET full_name = name WHERE id >= :lo AND id < :hi AND full_name IS NULL")
+
+
 def upgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '2s'")
-    op.add_column("users", sa.Column("full_name", sa.String(100), nullable=True))
-    op.execute(SYNC_FUNCTION)
-    op.execute(
-        "CREATE TRIGGER users_sync_full_name BEFORE INSERT OR UPDATE ON users "
-        "FOR EACH ROW EXECUTE FUNCTION users_sync_full_name()"
-    )
+    batch_size = int(context.config.attributes.get("batch_size", 2_000))
     with op.get_context().autocommit_block():
         bind = op.get_bind()
-        while bind.exec_driver_sql(
-            "UPDATE users SET full_name = name WHERE id IN "
-            "(SELECT id FROM users WHERE full_name IS NULL ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)"
-        ).rowcount:
-            pass
+        bind.exec_driver_sql("ALTER TABLE users ADD COLUMN IF NOT EXISTS full_name varchar(100)")
+        bind.exec_driver_sql(SYNC_FUNCTION)
+        bind.exec_driver_sql(
+            "CREATE OR REPLACE TRIGGER users_sync_full_name BEFORE INSERT OR UPDATE ON users "
+            "FOR EACH ROW EXECUTE FUNCTION users_sync_full_name()"
+        )
+        lo, last = bind.execute(sa.text("SELECT min(id), max(id) FROM users WHERE full_name IS NULL")).one()
+        while lo is not None and lo <= last:
+            bind.execute(BATCH, {"lo": lo, "hi": lo + batch_size})
+            lo += batch_size
 
 
 def downgrade() -> None:
-    op.execute("SET LOCAL lock_timeout = '2s'")
     op.execute("DROP TRIGGER IF EXISTS users_sync_full_name ON users")
     op.execute("DROP FUNCTION IF EXISTS users_sync_full_name()")
     op.drop_column("users", "full_name")
