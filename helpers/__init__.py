@@ -58,6 +58,12 @@ _LAZY = {
     "capabilities": "helpers.capability",  # module named apart from the function it exports
     "have": "helpers.capability",
     "skip_rest_unless": "helpers.capability",
+    # chapter 00: the seed's plan per scale, its checksums and marker, the schema picture, the checkout
+    "SCALES": "helpers.seed",
+    "checksum": "helpers.seed",
+    "seeded_info": "helpers.seed",
+    "er_diagram": "helpers.erd",
+    "REPO_ROOT": "helpers.config",
 }
 
 
@@ -192,4 +198,9 @@ __all__ = [
     "capabilities",
     "have",
     "skip_rest_unless",
+    "SCALES",
+    "checksum",
+    "seeded_info",
+    "er_diagram",
+    "REPO_ROOT",
 ]
