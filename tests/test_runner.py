@@ -42,7 +42,7 @@ def test_run_stops_at_failure_and_names_the_cell(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "98_bad.html").exists(), "the executed copy is kept for reading"
     index = (tmp_path / "out" / "index.html").read_text()  # written whether the run passed or not
     titles = [
-        nbformat.read(p, 4).cells[0].source.splitlines()[0][2:] for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+        nbformat.read(p, 4).cells[0].source.splitlines()[0][2:] for p in sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
     ]
     assert all(t.replace("&", "&amp;") in index for t in titles), titles
     assert index.count("not run in this run") == len(titles)
