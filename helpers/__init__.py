@@ -62,6 +62,12 @@ _LAZY = {
     "have": "helpers.capability",
     "skip_rest_unless": "helpers.capability",
     "progress": "helpers.progressbar",  # a bar in JupyterLab, one line in a headless run
+    # chapter 00: the seed's plan per scale, its checksums and marker, the schema picture, the checkout
+    "SCALES": "helpers.seed",
+    "checksum": "helpers.seed",
+    "seeded_info": "helpers.seed",
+    "er_diagram": "helpers.erd",
+    "REPO_ROOT": "helpers.config",
 }
 
 
@@ -200,4 +206,9 @@ __all__ = [
     "have",
     "skip_rest_unless",
     "progress",
+    "SCALES",
+    "checksum",
+    "seeded_info",
+    "er_diagram",
+    "REPO_ROOT",
 ]

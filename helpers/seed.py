@@ -989,12 +989,14 @@ def row_counts(engine: Engine):
     return pd.DataFrame(rows)
 
 
-def checksum(engine: Engine) -> dict[str, str]:
-    """md5 of every seeded table's contents in primary-key order (the determinism proof)."""
+def checksum(engine: Engine, *, progress: bool = False) -> dict[str, str]:
+    """md5 of every seeded table's contents in primary-key order (the determinism proof); ``progress``: a bar."""
+    from tqdm.auto import tqdm
+
     out = {}
     with engine.connect() as conn:
         conn.execute(text("SET TimeZone = 'UTC'"))
-        for t in models.Base.metadata.sorted_tables:
+        for t in tqdm(models.Base.metadata.sorted_tables, desc="checksums", unit="table", disable=not progress):
             order = ", ".join(c.name for c in t.primary_key.columns)
             out[t.name] = conn.execute(
                 text(f"SELECT md5(string_agg(md5(x::text), '' ORDER BY {order})) FROM {t.name} x")

@@ -1,4 +1,4 @@
-"""Chapter 01 (loading): exercises, count_queries against pg_stat_statements, selectin batching, latency proxy.
+"""Chapters 01a and 01b (loading): exercises, count_queries against pg_stat_statements, selectin batching, latency proxy.
 
 The ``engine`` fixture (the shared workbook engine) comes from conftest.py.
 """
@@ -17,13 +17,13 @@ from sqlalchemy.orm import Session, selectinload
 from helpers import count_queries, exercises, get_engine, lab_schema, latency, models
 from helpers.capability import missing
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_n_plus_one_and_loading.ipynb"
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01a_n_plus_one.ipynb"
 
 
 # ----------------------------------------------------------------------------- exercises
 # tests/test_exercises.py proves every chapter's exercises (starter, wrong answer, solution, twice).
 def test_chapter_01_checker_measures_statements_rows_and_the_result(engine):
-    ok = exercises.check("no_cartesian", exercises.of_chapter("01")[2].solution, engine)
+    ok = exercises.check("no_cartesian", exercises.EXERCISES["no_cartesian"].solution, engine)
     assert ok.passed and ok.same_result and ok.statements <= ok.max_statements and ok.rows <= ok.max_rows
 
 

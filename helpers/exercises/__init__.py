@@ -150,5 +150,5 @@ def reveal(name: str) -> str:
     return textwrap.dedent(inspect.getsource(ex.solution))
 
 
-# Chapter 01's page of users: its lesson uses it too (section 4's cartesian pages).
-from .ch01 import PAGE, page_for  # noqa: E402
+# Chapter 01b's page of users: its lesson uses it too (section 1's cartesian pages).
+from .ch01b import PAGE, page_for  # noqa: E402
