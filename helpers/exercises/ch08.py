@@ -70,7 +70,11 @@ def judge_isolating_fixture(answer, engine: Engine):
     expected = {"duplicate": "UniqueViolation", "visible_after_rollback": ["first"], "rows_left": 0}
     for r in runs:
         if "error" in r:
-            return False, f"the {r['run']} run of the test failed with {r['error']}; rows left: {r['rows_left']}", measured
+            return (
+                False,
+                f"the {r['run']} run of the test failed with {r['error']}; rows left: {r['rows_left']}",
+                measured,
+            )
         if r["rows_left"]:
             return False, f"after the {r['run']} run, {r['rows_left']} row(s) stayed in the database", measured
         if r != {"run": r["run"], **expected}:
@@ -122,12 +126,7 @@ exercise(
 # ----------------------------------------------------------------------------- exercise 2: the N+1 guard
 def _feed(engine: Engine, *, eager: bool):
     def feed() -> list:
-        stmt = (
-            select(models.Post)
-            .where(models.Post.published)
-            .order_by(models.Post.id.desc())
-            .limit(FEED_SIZE)
-        )
+        stmt = select(models.Post).where(models.Post.published).order_by(models.Post.id.desc()).limit(FEED_SIZE)
         if eager:
             stmt = stmt.options(selectinload(models.Post.author))
         with Session(engine) as session:
@@ -161,7 +160,11 @@ def judge_n_plus_one_guard(answer, engine: Engine):
             f"the N+1 feed ({sent['lazy']} statements) {outcomes['lazy']} your test: it was not caught",
             measured,
         )
-    return True, f"your test passes the {sent['eager']}-statement feed and catches the {sent['lazy']}-statement N+1.", measured
+    return (
+        True,
+        f"your test passes the {sent['eager']}-statement feed and catches the {sent['lazy']}-statement N+1.",
+        measured,
+    )
 
 
 def solution_n_plus_one_guard(feed, engine):

@@ -68,7 +68,9 @@ def _workload(engine: Engine) -> tuple[int, dict] | tuple[None, dict]:
         from ..database import drop_database
 
         drop_database("ex09_pgss")
-    return dbid, {int(r.queryid): {"query": r.query, "calls": int(r.calls), "total_ms": float(r.total_exec_time)} for r in rows}
+    return dbid, {
+        int(r.queryid): {"query": r.query, "calls": int(r.calls), "total_ms": float(r.total_exec_time)} for r in rows
+    }
 
 
 def _judge(want: str, what: str):
@@ -79,7 +81,9 @@ def _judge(want: str, what: str):
         with engine.connect() as conn:
             got = answer(conn, dbid)
             conn.rollback()
-        right = [q for q, s in stmts.items() if s["query"].startswith(want) or (want == REPORT and REPORT in s["query"])]
+        right = [
+            q for q, s in stmts.items() if s["query"].startswith(want) or (want == REPORT and REPORT in s["query"])
+        ]
         lookup = sum(s["calls"] for s in stmts.values() if s["query"] == LOOKUP)
         measured = {"lookup_calls": lookup, "expected": stmts[right[0]]["query"] if right else None}
         if got is None or not isinstance(got, int):
