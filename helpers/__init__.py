@@ -68,6 +68,13 @@ _LAZY = {
     "seeded_info": "helpers.seed",
     "er_diagram": "helpers.erd",
     "REPO_ROOT": "helpers.config",
+    # chapters 05 and 09 share one Prometheus exporter; chapter 08 names the guard's error and the repo
+    "Exporter": "helpers.exporter",
+    "pool_metrics": "helpers.exporter",
+    "metrics_text": "helpers.exporter",
+    "parse_metrics": "helpers.exporter",
+    "TooManyQueries": "helpers.counting",
+    "CLONE_COMMENT": "helpers.database",
 }
 
 
@@ -211,4 +218,10 @@ __all__ = [
     "seeded_info",
     "er_diagram",
     "REPO_ROOT",
+    "Exporter",
+    "pool_metrics",
+    "metrics_text",
+    "parse_metrics",
+    "TooManyQueries",
+    "CLONE_COMMENT",
 ]

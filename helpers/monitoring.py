@@ -7,8 +7,9 @@
 * ``QueryMetricsMiddleware``: per-request statement count and database time for any WSGI app,
   exposed as ``X-DB-Queries`` / ``X-DB-Time-ms`` response headers; ``wsgi_get`` is a tiny test client.
 * ``top_statements`` / ``reset_statements``: pg_stat_statements for one database only.
-* ``PrometheusMetrics``: request and statement metrics in the Prometheus text format, plus chapter 05's
-  pool collector (``helpers.pooling.PoolCollector``).
+
+Prometheus metrics are ``helpers.exporter`` (shared with chapter 05): ``Exporter.observe`` takes the
+``RequestStats`` this middleware produces.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,10 @@ class DoubleExecutingTimer:
 
 
 # ----------------------------------------------------------------------------- per-request metrics
+ROUTE_KEY = "workbook.route"  # the WSGI environ key an app sets to the route template it matched
+UNMATCHED = "<unmatched>"  # the route label of a request no route matched (one label value, not one per URL)
+
+
 @dataclass
 class RequestStats:
     method: str
@@ -131,6 +136,8 @@ class RequestStats:
     queries: int = 0
     db_time_s: float = 0.0
     wall_s: float = 0.0
+    route: str = UNMATCHED  # the route template (bounded cardinality): what metrics are labelled with
+    failed_statements: int = 0
 
 
 _CURRENT: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar("wb_request_stats", default=None)
@@ -140,7 +147,11 @@ class QueryMetricsMiddleware:
     """WSGI middleware: counts the statements and database time of each request; adds response headers.
 
     Headers ``X-DB-Queries`` and ``X-DB-Time-ms``; ``on_request(stats)`` is called after each request
-    (e.g. ``PrometheusMetrics.observe``). The body is buffered so the headers can carry the totals.
+    (e.g. ``exporter.Exporter.observe``), also when the app raised (status 500, then the error goes on).
+    A statement that fails is counted too, and its start time is dropped in ``handle_error`` (SQLAlchemy
+    calls no ``after_cursor_execute`` for it), so the per-connection timing stack never leaks. The counters
+    live in a ``ContextVar``: each thread (or task) serving a request has its own. The body is buffered so
+    the headers can carry the totals.
     """
 
     _KEY = "wb_request_start"
@@ -149,13 +160,18 @@ class QueryMetricsMiddleware:
         self.app = app
         self.engine = engine
         self.on_request = on_request
-        event.listen(engine, "before_cursor_execute", self._before)
-        event.listen(engine, "after_cursor_execute", self._after)
+        self._listeners = {
+            "before_cursor_execute": self._before,
+            "after_cursor_execute": self._after,
+            "handle_error": self._error,
+        }
+        for name, fn in self._listeners.items():
+            event.listen(engine, name, fn)
 
     def close(self) -> None:
         """Remove the engine listeners."""
-        event.remove(self.engine, "before_cursor_execute", self._before)
-        event.remove(self.engine, "after_cursor_execute", self._after)
+        for name, fn in self._listeners.items():
+            event.remove(self.engine, name, fn)
 
     def _before(self, conn, cursor, statement, parameters, context, executemany):
         if _CURRENT.get() is not None:
@@ -166,6 +182,14 @@ class QueryMetricsMiddleware:
         stack = conn.info.get(self._KEY)
         if stats is not None and stack:
             stats.queries += 1
+            stats.db_time_s += time.perf_counter() - stack.pop()
+
+    def _error(self, ctx):
+        stats = _CURRENT.get()
+        stack = ctx.connection.info.get(self._KEY) if ctx.connection is not None else None
+        if stats is not None and stack and ctx.statement is not None:  # a statement sent, and failed
+            stats.queries += 1
+            stats.failed_statements += 1
             stats.db_time_s += time.perf_counter() - stack.pop()
 
     def __call__(self, environ, start_response):
@@ -185,10 +209,18 @@ class QueryMetricsMiddleware:
             finally:
                 if hasattr(result, "close"):
                     result.close()
+        except BaseException:
+            stats.status = 500
+            stats.wall_s = time.perf_counter() - t0
+            stats.route = environ.get(ROUTE_KEY, UNMATCHED)
+            if self.on_request:
+                self.on_request(stats)
+            raise
         finally:
             _CURRENT.reset(token)
         stats.wall_s = time.perf_counter() - t0
         stats.status = int(captured["status"].split()[0])
+        stats.route = environ.get(ROUTE_KEY, UNMATCHED)
         headers = captured["headers"] + [
             ("X-DB-Queries", str(stats.queries)),
             ("X-DB-Time-ms", f"{stats.db_time_s * 1e3:.2f}"),
@@ -226,24 +258,40 @@ def wsgi_get(app: Callable, path: str, query: str = "") -> Response:
 
 
 def blog_app(engine: Engine, limit: int = 20) -> Callable:
-    """A tiny plain-WSGI app: ``/posts`` (lazy authors: N+1), ``/posts-fixed`` (selectinload), ``/health``."""
+    """A tiny plain-WSGI app: ``/posts`` (lazy authors: N+1), ``/posts-fixed`` (selectinload), ``/posts/<id>``,
+    ``/health``, and ``/broken`` (a statement that fails: a 500). It sets the route template it matched in
+    ``environ[ROUTE_KEY]``, as a framework's router would (Flask's ``url_rule``, Django's ``route``)."""
+
+    def respond(start_response, status: str, payload, ctype: str = "application/json"):
+        start_response(status, [("Content-Type", ctype)])
+        return [payload if isinstance(payload, bytes) else json.dumps(payload).encode()]
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/health":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok"]
+            environ[ROUTE_KEY] = "/health"
+            return respond(start_response, "200 OK", b"ok", "text/plain")
+        if path == "/broken":
+            environ[ROUTE_KEY] = "/broken"
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1 / 0"))  # raises: the middleware answers for it with a 500
+        if path.startswith("/posts/") and path.removeprefix("/posts/").isdigit():
+            environ[ROUTE_KEY] = "/posts/{id}"
+            with Session(engine) as session:
+                post = session.get(models.Post, int(path.removeprefix("/posts/")))
+                if post is None:
+                    return respond(start_response, "404 Not Found", {"error": "no such post"})
+                return respond(start_response, "200 OK", {"id": post.id, "title": post.title})
         if path not in ("/posts", "/posts-fixed"):
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found"]
+            return respond(start_response, "404 Not Found", b"not found", "text/plain")
+        environ[ROUTE_KEY] = path
         stmt = select(models.Post).where(models.Post.published).order_by(models.Post.id.desc()).limit(limit)
         if path == "/posts-fixed":
             stmt = stmt.options(selectinload(models.Post.author))
         with Session(engine) as session:
             posts = session.scalars(stmt).all()
             payload = [{"id": p.id, "title": p.title, "author": p.author.name} for p in posts]
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [json.dumps(payload).encode()]
+        return respond(start_response, "200 OK", payload)
 
     return app
 
@@ -285,7 +333,7 @@ def top_statements(
     """
     if order_by not in ("total_ms", "calls", "mean_ms", "rows"):
         raise ValueError(f"order_by must be total_ms, calls, mean_ms or rows, not {order_by!r}")
-    sql = f"""
+    sql = """
         SELECT s.queryid, s.calls, s.total_exec_time AS total_ms, s.mean_exec_time AS mean_ms, s.rows,
                s.shared_blks_hit, s.shared_blks_read, regexp_replace(s.query, '\\s+', ' ', 'g') AS query
         FROM pg_stat_statements s
@@ -294,12 +342,16 @@ def top_statements(
           AND (CAST(:like AS text) IS NULL OR s.query ILIKE :like)
           AND (:utility OR (s.query NOT ILIKE '%pg_stat_statements%'
                AND s.query !~* '^\\s*(BEGIN|COMMIT|ROLLBACK|SET|SHOW|LOAD|RESET|SAVEPOINT|RELEASE|DEALLOCATE|DISCARD)\\M'))
-        ORDER BY {order_by} DESC, s.queryid
+        ORDER BY CASE CAST(:order_by AS text)
+                   WHEN 'calls' THEN s.calls::float8 WHEN 'rows' THEN s.rows::float8
+                   WHEN 'mean_ms' THEN s.mean_exec_time ELSE s.total_exec_time END DESC, s.queryid
         LIMIT :limit
     """
     with engine.connect() as conn:
         return pd.read_sql_query(
-            text(sql), conn, params={"db": database, "like": like, "limit": limit, "utility": utility}
+            text(sql),
+            conn,
+            params={"db": database, "like": like, "limit": limit, "utility": utility, "order_by": order_by},
         )
 
 
@@ -351,53 +403,3 @@ def plan_nodes(plan: dict) -> list[str]:
 
     walk(plan["Plan"])
     return out
-
-
-# ----------------------------------------------------------------------------- Prometheus
-class PrometheusMetrics:
-    """Request, statement and pool metrics in a registry of their own; ``.text()`` is the exposition.
-
-    The pool gauges are chapter 05's ``helpers.pooling.PoolCollector`` registered on the same registry.
-    """
-
-    def __init__(
-        self,
-        engine: Engine | None = None,
-        pool_name: str = "workbook",
-        buckets: Iterable[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5),
-    ):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("app_requests", "HTTP requests", ["path", "status"], registry=self.registry)
-        self.statements = Counter("app_db_statements", "SQL statements sent", ["path"], registry=self.registry)
-        self.db_time = Histogram(
-            "app_db_time_seconds", "database time per request", ["path"], buckets=tuple(buckets), registry=self.registry
-        )
-        if engine is not None:
-            from .pooling import PoolCollector
-
-            self.registry.register(PoolCollector(engine, pool_name))
-
-    def observe(self, stats: RequestStats) -> None:
-        """Record one request (pass as ``QueryMetricsMiddleware(on_request=...)``)."""
-        self.requests.labels(stats.path, str(stats.status)).inc()
-        self.statements.labels(stats.path).inc(stats.queries)
-        self.db_time.labels(stats.path).observe(stats.db_time_s)
-
-    def text(self) -> str:
-        """The Prometheus text exposition format, as a /metrics endpoint would serve it."""
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry).decode()
-
-    def samples(self) -> pd.DataFrame:
-        """Every sample of the registry (name, labels, value), parsed back from the text format."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        rows = [
-            {"name": s.name, "labels": dict(s.labels), "value": s.value}
-            for fam in text_string_to_metric_families(self.text())
-            for s in fam.samples
-        ]
-        return pd.DataFrame(rows, columns=["name", "labels", "value"])

@@ -1,4 +1,4 @@
-"""Connection pools, measured: status, events, health, Prometheus metrics, workloads, limits.
+"""Connection pools, measured: status, events, health, workloads, limits (Prometheus: ``helpers.exporter``).
 
 Everything here reads a SQLAlchemy ``Engine``'s pool or drives it; nothing prints. The
 connection-pooling chapter (``notebooks/05_connection_pooling.ipynb``) shows the code that teaches;
@@ -160,63 +160,8 @@ class PoolEventLog:
                 event.remove(self.engine, name, fn)
 
 
-# ----------------------------------------------------------------------------- Prometheus
-class PoolCollector:
-    """A prometheus_client collector reading the pool (and an optional ``PoolEventLog``) at scrape time."""
-
-    def __init__(self, engine: Engine, name: str, log: PoolEventLog | None = None):
-        self.engine, self.name, self.log = engine, name, log
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        st = pool_status(self.engine)
-        gauges = {
-            "size": ("Configured pool_size", st.size),
-            "checked_out": ("Connections checked out of the pool", st.checked_out),
-            "checked_in": ("Idle connections held in the pool", st.checked_in),
-            "overflow": ("Connections beyond pool_size (negative: not yet opened)", st.overflow),
-            "capacity": ("pool_size + max_overflow", st.capacity),
-        }
-        for key, (doc, value) in gauges.items():
-            if value is not None:
-                g = GaugeMetricFamily(f"sqlalchemy_pool_{key}", doc, labels=["pool"])
-                g.add_metric([self.name], value)
-                yield g
-        if self.log is not None:
-            counts = self.log.counts()
-            for key in ("connect", "checkout", "invalidate"):
-                c = CounterMetricFamily(f"sqlalchemy_pool_{key}s", f"Pool {key} events", labels=["pool"])
-                c.add_metric([self.name], counts.get(key, 0))
-                yield c
-
-
-def pool_metrics(engine: Engine, name: str = "workbook", log: PoolEventLog | None = None):
-    """A CollectorRegistry of its own (not the global one) exposing ``engine``'s pool."""
-    from prometheus_client import CollectorRegistry
-
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(PoolCollector(engine, name, log))
-    return registry
-
-
-def metrics_text(registry) -> str:
-    """The registry in Prometheus text exposition format (what a /metrics endpoint returns)."""
-    from prometheus_client import generate_latest
-
-    return generate_latest(registry).decode()
-
-
-def parse_metrics(text_format: str) -> dict:
-    """Sample name (with its labels) -> value, parsed back from the text format."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for family in text_string_to_metric_families(text_format):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
+# Prometheus: the pool collector and chapter 05's pool_metrics / metrics_text / parse_metrics are in
+# helpers/exporter.py, the one exporter chapters 05 and 09 share.
 
 
 # ----------------------------------------------------------------------------- workloads

@@ -59,6 +59,8 @@ def test_every_chapter_after_00_has_at_least_two_exercises_each_with_a_starter_i
 def test_the_reference_solution_passes_twice(engine, name):
     ex = REGISTRY[name]
     first, second = (exercises.check(name, ex.solution, engine) for _ in range(2))
+    if first.measured.get("missing"):  # the judge needs what this server lacks (e.g. pg_stat_statements)
+        pytest.skip(first.message)
     assert first.passed, first
     assert (second.passed, second.measured) == (first.passed, first.measured)
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
-from helpers import drop_database, make_engine, server
+from helpers import Exporter, drop_database, make_engine, server
 from helpers import monitoring as mon
 from helpers.capability import missing
 from helpers.testdb import copied_database
@@ -135,13 +135,78 @@ def test_auto_explain_plan_is_read_back_from_the_server_log(own):
 
 
 def test_prometheus_text_has_request_statement_and_pool_metrics(own):
-    metrics = mon.PrometheusMetrics(engine=own, pool_name="t")
-    metrics.observe(mon.RequestStats("GET", "/a", 200, queries=3, db_time_s=0.002))
-    metrics.observe(mon.RequestStats("GET", "/a", 500, queries=1, db_time_s=0.2))
+    metrics = Exporter(own, "t")
+    metrics.observe(mon.RequestStats("GET", "/a/1", 200, queries=3, db_time_s=0.002, route="/a/{id}"))
+    metrics.observe(mon.RequestStats("GET", "/a/2", 500, queries=1, db_time_s=0.2, route="/a/{id}"))
     body = metrics.text()
-    assert 'app_requests_total{path="/a",status="200"} 1.0' in body
-    assert 'app_db_statements_total{path="/a"} 4.0' in body
-    assert 'app_db_time_seconds_bucket{le="0.005",path="/a"} 1.0' in body
+    assert 'app_requests_total{route="/a/{id}",status="200"} 1.0' in body
+    assert 'app_db_statements_total{route="/a/{id}"} 4.0' in body
+    assert 'app_db_time_seconds_bucket{le="0.005",route="/a/{id}"} 1.0' in body
+    assert "/a/1" not in body  # labelled by the route template, never the raw path
     samples = metrics.samples()
     size = samples[samples["name"] == "sqlalchemy_pool_size"]
     assert list(size["value"]) == [float(own.pool.size())]
+    assert metrics.values()['sqlalchemy_pool_size{pool="t"}'] == own.pool.size()
+
+
+def test_the_exporter_is_one_module_shared_by_chapters_05_and_09():
+    import helpers
+    import helpers.pooling
+
+    assert helpers.pool_metrics is helpers.exporter.pool_metrics
+    assert helpers.Exporter is helpers.exporter.Exporter
+    assert not hasattr(helpers.pooling, "PoolCollector") and not hasattr(mon, "PrometheusMetrics")
+
+
+def test_middleware_labels_by_route_and_survives_a_failing_statement(own):
+    metrics = Exporter(own, "t")
+    app = mon.QueryMetricsMiddleware(mon.blog_app(own, limit=5), own, on_request=metrics.observe)
+    try:
+        with own.connect() as conn:
+            ids = conn.execute(text("SELECT id FROM posts ORDER BY id LIMIT 3")).scalars().all()
+        for i in ids:
+            assert mon.wsgi_get(app, f"/posts/{i}").status == 200
+        with pytest.raises(Exception, match="division by zero"):
+            mon.wsgi_get(app, "/broken")
+        after = mon.wsgi_get(app, "/posts-fixed")  # the next request on a pooled connection counts right
+        mon.wsgi_get(app, "/no/such/page")
+    finally:
+        app.close()
+    v = metrics.values()
+    assert v['app_requests_total{route="/posts/{id}",status="200"}'] == 3
+    assert v['app_requests_total{route="/broken",status="500"}'] == 1
+    assert v['app_db_statements_total{route="/broken"}'] == 1  # the failed statement is counted
+    assert v['app_requests_total{route="<unmatched>",status="404"}'] == 1
+    assert not any(str(i) in k for k in v for i in ids if "route=" in k)
+    assert after.headers["X-DB-Queries"] == "2"
+    for conn in own.pool._pool.queue:  # noqa: SLF001 - every pooled connection's timing stack is empty
+        assert conn.info.get(mon.QueryMetricsMiddleware._KEY, []) == []
+
+
+def test_context_var_attributes_statements_to_their_own_request_under_concurrency(own):
+    """Two requests at once, in two threads, on one middleware: each gets its own count, never the other's."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    def app(environ, start_response):
+        n = int(environ["PATH_INFO"].strip("/"))
+        with own.connect() as conn:
+            for i in range(n):
+                conn.execute(text("SELECT :i"), {"i": i})
+                if i == 0:
+                    barrier.wait()  # both requests are inside at once, interleaving their statements
+        start_response("200 OK", [])
+        return [b""]
+
+    mw = mon.QueryMetricsMiddleware(app, own)
+    out = {}
+    try:
+        threads = [threading.Thread(target=lambda n=n: out.update({n: mon.wsgi_get(mw, f"/{n}")})) for n in (3, 11)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+    finally:
+        mw.close()
+    assert {n: int(r.headers["X-DB-Queries"]) for n, r in out.items()} == {3: 3, 11: 11}

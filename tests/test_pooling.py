@@ -14,6 +14,7 @@ from sqlalchemy.pool import NullPool
 
 from helpers import get_engine, make_engine, setup
 from helpers.config import REPO_ROOT, SERVER_USER, is_root
+from helpers.exporter import metrics_text, parse_metrics, pool_metrics
 from helpers.pooling import (
     _THROWAWAY,
     PoolEventLog,
@@ -21,9 +22,6 @@ from helpers.pooling import (
     error_summary,
     health_check,
     limited_role,
-    metrics_text,
-    parse_metrics,
-    pool_metrics,
     pool_status,
     run_threads,
     terminate_backends,
