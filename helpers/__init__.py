@@ -14,50 +14,84 @@ from .config import WorkbookError, settings
 
 # Every public name is imported on first use, so `import helpers` (and `python -m helpers db ...`)
 # stays light and a chapter's module can grow without touching this file: name -> module.
+# Grouped as the package is (CONTRIBUTING: "The map of helpers"): platform, instruments, labs.
 _LAZY = {
-    "assert_max_queries": "helpers.counting",
-    "count_queries": "helpers.counting",
-    "clone_database": "helpers.database",
-    "database_name": "helpers.database",
-    "drop_lab_schema": "helpers.scratch",
-    "scratch_name": "helpers.scratch",
-    "scratch_suffix": "helpers.scratch",
-    "drop_database": "helpers.database",
-    "empty_database": "helpers.database",
+    # --- the platform: where the database is, engines, scratch databases and schemas, the seed, results
+    "REPO_ROOT": "helpers.config",  # the checkout's folder (tests/examples, migrations/)
+    "SCALES": "helpers.config",  # scale name -> rows of each kind (config.Scale)
     "get_engine": "helpers.database",
     "is_embedded": "helpers.database",
     "make_engine": "helpers.database",
     "psycopg_conninfo": "helpers.database",
     "require_extension": "helpers.database",
     "socket_url": "helpers.database",
+    "CLONE_COMMENT": "helpers.database",  # the stamp on every scratch database the workbook made
+    "clone_database": "helpers.database",
+    "database_name": "helpers.database",
+    "drop_database": "helpers.database",
+    "empty_database": "helpers.database",
+    "schema_database": "helpers.testdb",
+    "copied_database": "helpers.testdb",
+    "lab_schema": "helpers.seed",
+    "drop_lab_schema": "helpers.scratch",
+    "scratch_name": "helpers.scratch",
+    "scratch_suffix": "helpers.scratch",
+    "models": "helpers.models",
+    "er_diagram": "helpers.erd",
+    "seed": "helpers.seed",  # the module: seed.seed(), seed.reset(), ...
+    "checksum": "helpers.seed",
+    "row_counts": "helpers.seed",
+    "seeded_info": "helpers.seed",
+    "uniform_sql": "helpers.seed",  # the seed's deterministic uniform [0, 1), as SQL
+    "server": "helpers.server",
     "record": "helpers.results",
     "ordering": "helpers.results",
-    "lab_schema": "helpers.seed",
-    "measure": "helpers.timing",
-    "models": "helpers.models",
     "plots": "helpers.plots",
-    "seed": "helpers.seed",
-    "server": "helpers.server",
+    "capabilities": "helpers.capability",  # module named apart from the function it exports
+    "have": "helpers.capability",
+    "skip_rest_unless": "helpers.capability",
+    "exercises": "helpers.exercises",
+    # --- the instruments: what measures a chapter's code
+    "assert_max_queries": "helpers.counting",
+    "count_queries": "helpers.counting",
+    "TooManyQueries": "helpers.counting",
+    "measure": "helpers.timing",
     "explain": "helpers.plans",
     "compare": "helpers.plans",
     "Scenario": "helpers.sessions",
     "locks": "helpers.locks",
     "blocking": "helpers.locks",
     "retry": "helpers.retrying",  # module named apart from the function it exports
+    "latency": "helpers.latency",
+    "bounded": "helpers.waits",  # every wait has a limit; names the blocker when it expires
+    # --- the labs: one chapter's machinery each
     "anomalies": "helpers.anomalies",
     "ddl": "helpers.ddl",
-    "monitoring": "helpers.monitoring",
-    "schema_database": "helpers.testdb",
-    "copied_database": "helpers.testdb",
     "bulk": "helpers.bulk",
+    "monitoring": "helpers.monitoring",
     "pooling": "helpers.pooling",
+    "FairGate": "helpers.pooling",
+    "PoolEventLog": "helpers.pooling",
+    "TooManyClients": "helpers.pooling",
+    "connection_budget": "helpers.pooling",
+    "error_summary": "helpers.pooling",
+    "health_check": "helpers.pooling",
+    "limited_role": "helpers.pooling",
+    "metrics_text": "helpers.pooling",
+    "parse_metrics": "helpers.pooling",
+    "pool_metrics": "helpers.pooling",
+    "pool_status": "helpers.pooling",
+    "run_threads": "helpers.pooling",
+    "sizing_sweep": "helpers.pooling",
+    "spread": "helpers.pooling",
+    "summarize_latencies": "helpers.pooling",
+    "terminate_backends": "helpers.pooling",
+    "warm": "helpers.pooling",
     "pgbouncer": "helpers.pgbouncer",
-    "latency": "helpers.latency",
-    "exercises": "helpers.exercises",
-    "bounded": "helpers.waits",  # every wait has a limit; names the blocker when it expires
-    "capabilities": "helpers.capability",  # module named apart from the function it exports
-    "have": "helpers.capability",
-    "skip_rest_unless": "helpers.capability",
+    "PgBouncer": "helpers.pgbouncer",
+    "pgbouncer_available": "helpers.pgbouncer",
+    "pgbouncer_version": "helpers.pgbouncer",
+    "tracks_prepared_statements": "helpers.pgbouncer",
 }
 
 
@@ -146,50 +180,10 @@ def setup(scale: str | None = None, *, quiet: bool = False):
     return engine
 
 
-__all__ = [
-    "WorkbookError",
-    "anomalies",
-    "bulk",
-    "ddl",
-    "pgbouncer",
-    "pooling",
-    "assert_max_queries",
-    "blocking",
-    "clone_database",
-    "empty_database",
-    "drop_database",
-    "compare",
-    "count_queries",
-    "explain",
-    "get_engine",
-    "is_embedded",
-    "lab_schema",
-    "locks",
-    "make_engine",
-    "measure",
-    "models",
-    "require_extension",
-    "plots",
-    "psycopg_conninfo",
-    "record",
-    "ordering",
-    "retry",
-    "Scenario",
-    "settings",
-    "setup",
-    "socket_url",
-    "where",
-    "latency",
-    "exercises",
-    "monitoring",
-    "schema_database",
-    "copied_database",
-    "database_name",
-    "drop_lab_schema",
-    "scratch_name",
-    "scratch_suffix",
-    "bounded",
-    "capabilities",
-    "have",
-    "skip_rest_unless",
-]
+# the public face: what notebooks import (tests/test_repo.py checks that they import nothing else)
+__all__ = ["WorkbookError", "settings", "setup", "where", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    """``dir(helpers)`` and Tab completion show the public names, the lazy ones included."""
+    return sorted(__all__)

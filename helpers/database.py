@@ -33,6 +33,7 @@ def _normalise(url: URL) -> URL:
 
 
 def is_embedded() -> bool:
+    """True when the workbook runs on its embedded server (no ``DATABASE_URL``)."""
     return settings().database_url is None
 
 

@@ -35,7 +35,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.schema import AddConstraint, CreateIndex, CreateTable
 
 from . import models
-from .config import WorkbookError, settings
+from .config import SCALES, Scale, WorkbookError, settings
 from .database import libpq_tool_args
 from .server import embedded_bin_dir
 from .waits import bounded
@@ -45,23 +45,6 @@ OWNER_COMMENT = "qo-workbook"
 GENERATOR_VERSION = "4"
 _LOCK_KEY = 0x514F5742  # pg_advisory_lock key serialising seeders of one database
 _SCHEMA_LOCK_KEY = 0x514F5753  # pg_advisory_xact_lock key serialising lab_schema calls (one database)
-
-
-@dataclass(frozen=True)
-class Scale:
-    users: int
-    posts: int
-    comments: int
-    products: int
-    orders: int
-    tags: int = 60
-
-
-SCALES = {
-    "ci": Scale(users=2_000, posts=20_000, comments=60_000, products=500, orders=10_000),
-    "small": Scale(users=20_000, posts=200_000, comments=600_000, products=5_000, orders=100_000),
-    "large": Scale(users=200_000, posts=2_000_000, comments=6_000_000, products=20_000, orders=1_000_000),
-}
 
 
 def schema_version() -> str:
@@ -74,12 +57,19 @@ def schema_version() -> str:
 
 
 # ----------------------------------------------------------------------------- generation SQL
-def _u(stream: int, row: str = "g") -> str:
-    """SQL for a uniform [0, 1) value of row ``row`` in column stream ``stream``, from ``:seed``."""
+def uniform_sql(stream: int, row: str = "g") -> str:
+    """SQL for the seed's uniform [0, 1) value of row ``row`` (an SQL expression) in column stream ``stream``.
+
+    Deterministic: ``hashint8extended(row, :seed * 1000 + stream)``, so a statement using it binds ``:seed``.
+    ``row`` is SQL text of the caller's (a column or an expression), never a user's value.
+    """
     return (
         f"((hashint8extended(({row})::bigint, :seed * 1000 + {int(stream)}) & 9223372036854775807)::float8"
         " / 9223372036854775808.0)"
     )
+
+
+_u = uniform_sql  # short, for the generating SELECTs below
 
 
 _COUNTRIES = [  # (country, region): skewed towards the first ones

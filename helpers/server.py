@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import REPO_ROOT, SERVER_USER, WorkbookError, checkout_hash, is_root, settings
+from .processes import alive, free_port
 
 SUPERUSER = "postgres"
 _SOCKET_MAX = 100  # unix socket paths must stay under 107 bytes, ".s.PGSQL.NNNNN" included
@@ -316,10 +317,7 @@ def _lock_holder_alive(lines: list[str]) -> bool | None:
 
 def _is_our_postmaster(pid: int, p: Paths) -> bool:
     """True when ``pid`` is a live (not zombie) postmaster working in our data folder."""
-    stat = _proc_stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False
-    return _proc_cwd(pid) == str(p.data.resolve())
+    return alive(pid) and _proc_cwd(pid) == str(p.data.resolve())
 
 
 def _postmaster(p: Paths) -> tuple[int, int] | None:
@@ -396,12 +394,6 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _choose_port(p: Paths) -> int:
     wanted = settings().port
     if wanted:
@@ -416,7 +408,7 @@ def _choose_port(p: Paths) -> int:
         recorded = int(p.port_file.read_text().strip())
         if port_is_free(recorded):
             return recorded
-    port = _free_port()
+    port = free_port()
     p.port_file.write_text(f"{port}\n")
     return port
 
