@@ -25,14 +25,14 @@ _LAZY = {
     "psycopg_conninfo": "helpers.database",
     "require_extension": "helpers.database",
     "socket_url": "helpers.database",
-    "CLONE_COMMENT": "helpers.database",  # the stamp on every scratch database the workbook made
-    "clone_database": "helpers.database",
-    "database_name": "helpers.database",
-    "drop_database": "helpers.database",
-    "empty_database": "helpers.database",
-    "schema_database": "helpers.testdb",
-    "copied_database": "helpers.testdb",
-    "lab_schema": "helpers.seed",
+    "CLONE_COMMENT": "helpers.scratch",  # the stamp on every scratch database the workbook made
+    "clone_database": "helpers.scratchdb",
+    "database_name": "helpers.scratchdb",
+    "drop_database": "helpers.scratchdb",
+    "empty_database": "helpers.scratchdb",
+    "schema_database": "helpers.scratchdb",
+    "copied_database": "helpers.scratchdb",
+    "lab_schema": "helpers.scratch",
     "drop_lab_schema": "helpers.scratch",
     "scratch_name": "helpers.scratch",
     "scratch_suffix": "helpers.scratch",
@@ -41,8 +41,8 @@ _LAZY = {
     "seed": "helpers.seed",  # the module: seed.seed(), seed.reset(), ...
     "checksum": "helpers.seed",
     "row_counts": "helpers.seed",
-    "seeded_info": "helpers.seed",
-    "uniform_sql": "helpers.seed",  # the seed's deterministic uniform [0, 1), as SQL
+    "seeded_info": "helpers.ownership",
+    "uniform_sql": "helpers.dataset",  # the seed's deterministic uniform [0, 1), as SQL
     "server": "helpers.server",
     "record": "helpers.results",
     "ordering": "helpers.results",
@@ -121,7 +121,7 @@ def where() -> dict:
     from sqlalchemy import text
 
     from .database import database_url, get_engine, is_embedded, masked
-    from .seed import seeded_info
+    from .ownership import seeded_info
 
     engine = get_engine()
     with engine.connect() as conn:

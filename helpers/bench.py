@@ -16,7 +16,8 @@ import psycopg
 from psycopg import sql
 
 from . import server
-from .database import _libpq_kwargs, database_url, drop_database, empty_database, is_embedded, libpq_tool_args
+from .database import database_url, is_embedded, libpq_kwargs, libpq_tool_args
+from .scratchdb import drop_database, empty_database
 
 
 def _fresh_db(suffix: str) -> str:
@@ -48,7 +49,7 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, float | None, str]:
 
 
 def _rows_and_bytes(dbname: str, tables: list[str]) -> tuple[int, int]:
-    with psycopg.connect(**_libpq_kwargs(database_url().set(database=dbname))) as conn:
+    with psycopg.connect(**libpq_kwargs(database_url().set(database=dbname))) as conn:
         rows = sum(
             conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))).fetchone()[0] for t in tables
         )

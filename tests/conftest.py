@@ -9,9 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,21 +67,17 @@ def state_dir():
 
 @pytest.fixture
 def scratch_db(engine):
-    """An empty database of the test's own on the workbook server; dropped afterwards."""
-    from helpers.database import _libpq_kwargs, database_url
+    """An empty database of the test's own on the workbook server (``empty_database``); dropped afterwards."""
+    from helpers import drop_database, empty_database
 
-    base = database_url()
-    names = []
+    made = []
 
     def make(suffix: str) -> str:
-        name = f"{base.database}_t_{suffix}"
-        with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        names.append(name)
-        return name
+        eng = empty_database(f"t_{suffix}")
+        eng.dispose()
+        made.append(f"t_{suffix}")
+        return eng.url.database
 
     yield make
-    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    for suffix in made:
+        drop_database(suffix)

@@ -130,10 +130,10 @@ def test_bad_database_url_gets_one_paragraph(url, expected):
 
 
 def test_wrong_password_and_missing_database(engine):
-    from helpers.database import _libpq_kwargs, database_url, masked
+    from helpers.database import database_url, libpq_kwargs, masked
 
     good = database_url()
-    probe = _libpq_kwargs(good.set(password="wrong-password"))
+    probe = libpq_kwargs(good.set(password="wrong-password"))
     try:
         psycopg.connect(**probe).close()
         pytest.skip(f"{masked(good)} accepts any password from here (trust in its pg_hba.conf): nothing to refuse")

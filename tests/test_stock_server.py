@@ -19,7 +19,7 @@ from conftest import REPO, run_helpers
 from psycopg import sql
 
 from helpers import capabilities, where
-from helpers.database import _libpq_kwargs, database_url, is_embedded
+from helpers.database import database_url, is_embedded, libpq_kwargs
 
 KINDS = {"createdb": "CREATEDB", "owner": "NOCREATEDB"}
 
@@ -39,7 +39,7 @@ def trainees(engine):
     if not where()["superuser"]:
         pytest.skip("creating the trainee roles needs superuser")
     base = database_url()
-    admin = _libpq_kwargs(base.set(database="postgres"))
+    admin = libpq_kwargs(base.set(database="postgres"))
     tag = secrets.token_hex(3)
     urls, roles = {}, []
     with psycopg.connect(**admin, autocommit=True) as conn:
