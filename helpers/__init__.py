@@ -25,7 +25,7 @@ _LAZY = {
     "psycopg_conninfo": "helpers.database",
     "require_extension": "helpers.database",
     "socket_url": "helpers.database",
-    "CLONE_COMMENT": "helpers.scratch",  # the stamp on every scratch database the workbook made
+    "CLONE_COMMENT": "helpers.database",  # the stamp on every scratch database the workbook made
     "clone_database": "helpers.scratchdb",
     "database_name": "helpers.scratchdb",
     "drop_database": "helpers.scratchdb",

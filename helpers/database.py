@@ -232,6 +232,9 @@ def socket_url(database: str | None = None) -> URL | None:
     )
 
 
+CLONE_COMMENT = "qo-workbook clone"  # the stamp of every scratch database (helpers.scratchdb) and the template
+
+
 def _create_extension(name: str) -> sql.Composed:
     return sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name))
 

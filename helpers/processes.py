@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 
 def alive(pid: int | None) -> bool:
@@ -32,3 +34,27 @@ def die_with_parent() -> None:
     import signal
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def proc_cwd(pid: int) -> str | None:
+    """The working folder of ``pid``, or None (gone, a zombie, or another user's)."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def proc_stat(pid: int) -> tuple[str, str, float] | None:
+    """(state letter, command name, start time in seconds since the epoch) of a process, None when gone.
+
+    A zombie (state ``Z``: dead, not yet reaped by its parent) keeps its pid, name and start time, but
+    has no open files, memory or working folder any more."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        with open("/proc/stat") as fh:
+            btime = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], comm, btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")

@@ -31,12 +31,11 @@ from psycopg import sql
 from sqlalchemy import Engine
 
 from .config import WorkbookError
-from .database import database_url, libpq_kwargs
+from .database import CLONE_COMMENT, database_url, libpq_kwargs
 from .ownership import MARKER_TABLE, _adopt_legacy, _record, _x, ownership
 from .waits import bounded
 
 ROLE_COMMENT = "qo-workbook role"
-CLONE_COMMENT = "qo-workbook clone"  # the stamp of every scratch database (helpers.scratchdb) and the template
 _SCHEMA_LOCK_KEY = 0x514F5753  # pg_advisory_xact_lock key serialising lab_schema calls (one database)
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently: we refuse them instead
 _SUFFIX_RE = re.compile(r"_k(?P<pid>\d+)_(?P<host>[0-9a-f]{4})[0-9a-f]{4}$")

@@ -20,8 +20,8 @@ from sqlalchemy.engine import URL
 
 from . import models, seed
 from .config import WorkbookError, settings
-from .database import _engines, database_url, libpq_kwargs, psycopg_conninfo, try_create_extension
-from .scratch import CLONE_COMMENT, database_record, forget_database, remember_database, scratch_name
+from .database import CLONE_COMMENT, _engines, database_url, libpq_kwargs, psycopg_conninfo, try_create_extension
+from .scratch import database_record, forget_database, remember_database, scratch_name
 
 TEMPLATE_SUFFIX = "tpl"
 _CLONE_LOCK = 0x514F5743  # pg_advisory_lock key: one maker of the template per server

@@ -28,7 +28,12 @@ from sqlalchemy.schema import AddConstraint, CreateIndex, CreateTable
 from . import models
 from .config import SCALES, Scale, WorkbookError, settings
 from .database import libpq_tool_args
-from .dataset import _LOAD_AFTER, LOADS, Load, _select_sql  # noqa: F401 - Load: tests give a table another load
+from .dataset import (
+    _LOAD_AFTER,
+    LOADS,
+    _select_sql,
+    _u,  # noqa: F401 - chapter 02's old import, until it takes helpers.uniform_sql
+)
 from .ownership import (
     MARKER_TABLE,
     Ownership,
