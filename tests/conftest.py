@@ -23,8 +23,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", f"embedded: {EMBEDDED_ONLY} (skipped under DATABASE_URL)")
 
 
+SERVER_FIXTURES = {"engine", "scratch_db", "state_dir"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``@pytest.mark.embedded`` skip, with the reason, when DATABASE_URL points elsewhere."""
+    """A unit test may not ask for a server; tests marked ``@pytest.mark.embedded`` skip, with the reason,
+    when DATABASE_URL points elsewhere."""
+    for item in items:
+        if item.get_closest_marker("unit") and SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked unit but uses {sorted(SERVER_FIXTURES & set(item.fixturenames))}: "
+                "the unit lane runs without a database server"
+            )
     if not os.environ.get("DATABASE_URL"):
         return
     skip = pytest.mark.skip(reason=EMBEDDED_ONLY)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit  # files only: the whole module runs in `make test-unit`, without a server
+
 REPO = Path(__file__).resolve().parent.parent
 LINTED = ["helpers", "tests", "notebooks", "migrations"]  # what `make lint` checks
 

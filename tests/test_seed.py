@@ -29,6 +29,7 @@ ORDER BY 1, 2
 """
 
 
+@pytest.mark.slow  # seeds three times
 def test_seed_is_byte_identical_and_matches_golden(scratch_db):
     db = scratch_db("seed_det")
     eng = make_engine(database=db)
@@ -138,6 +139,7 @@ def test_reset_drops_only_what_the_workbook_owns(scratch_db):
         eng.dispose()
 
 
+@pytest.mark.slow  # seeds twice
 def test_more_lanes_give_the_same_data(scratch_db):
     """The task graph may run tables and foreign keys in any order: the data must not depend on it."""
     eng = make_engine(database=scratch_db("lanes"))
@@ -192,6 +194,7 @@ def test_a_generator_failing_midway_rolls_its_table_back(scratch_db, monkeypatch
         eng.dispose()
 
 
+@pytest.mark.slow  # the seed and pgbench -i, three rounds
 def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
     from helpers.bench import bench_seed
 

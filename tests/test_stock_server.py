@@ -135,6 +135,7 @@ def _chapters(url: str, *names: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # runs chapters as other roles
 def test_chapters_skip_cleanly_for_a_role_that_owns_only_its_database(trainees):
     res = _chapters(trainees["owner"], "00_setup_and_seed.ipynb", "08_testing_strategies.ipynb", "09_monitoring.ipynb")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -145,6 +146,7 @@ def test_chapters_skip_cleanly_for_a_role_that_owns_only_its_database(trainees):
     assert "permission denied" not in res.stdout
 
 
+@pytest.mark.slow  # runs chapter 09 as another role
 def test_chapter_09_runs_without_pg_stat_statements_for_a_createdb_role(trainees):
     res = _chapters(trainees["createdb"], "09_monitoring.ipynb")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
