@@ -15,7 +15,7 @@ import time
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, NullPool, column, create_engine, func, select, text
+from sqlalchemy import Engine, NullPool, column, create_engine, func, select, table, text
 from sqlalchemy.engine import URL
 
 from . import models, seed
@@ -288,8 +288,8 @@ def copied_database(suffix: str, tables: dict[str, str | None], **engine_kw) -> 
     """
     engine = schema_database(suffix, **engine_kw)
     with psycopg.connect(**psycopg_conninfo()) as src, psycopg.connect(**psycopg_conninfo(engine.url.database)) as dst:
-        for table, where in tables.items():
-            ident = sql.Identifier(table)
+        for name, where in tables.items():
+            ident = sql.Identifier(name)
             source = sql.SQL("(SELECT * FROM {} WHERE {})").format(ident, sql.SQL(where)) if where else ident
             with (
                 src.cursor().copy(sql.SQL("COPY {} TO STDOUT (FORMAT BINARY)").format(source)) as out,
