@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("what", choices=["seed"])
     bench.add_argument("--scale", choices=list(SCALES), default="ci")
+    bench.add_argument("--rounds", type=int, default=3, help="runs of each command (medians and spread)")
     run = sub.add_parser("run", help="execute every notebook in order into output/")
     run.add_argument("notebooks", nargs="*")
     cr = sub.add_parser("compare-results", help="compare two runs' results folders on their declared conclusions")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import bench_seed
 
-            bench_seed(args.scale)
+            bench_seed(args.scale, rounds=args.rounds)
             return 0
         if args.command == "run":
             from .runner import run_notebooks

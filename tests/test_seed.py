@@ -194,7 +194,7 @@ def test_a_generator_failing_midway_rolls_its_table_back(scratch_db, monkeypatch
         eng.dispose()
 
 
-@pytest.mark.slow  # the seed and pgbench -i, three rounds
+@pytest.mark.slow  # the seed and pgbench -i, three runs each
 def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
     from helpers.bench import bench_seed
 
@@ -203,6 +203,13 @@ def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
     assert out["seed_rows"] > 150_000 and out["pgbench_rows"] == 200_022  # pgbench -i -s 2
     assert out["seed_rows_per_s"] > 0 and out["pgbench_rows_per_s"] > 0 and out["ratio"] > 0
     assert "ratio seed / pgbench" in printed and "time per stage" in printed and "bench_seed_ci.json" in printed
+    # fair: three runs of each, each after a CHECKPOINT and a quiet wait, medians with their spread
+    assert out["rounds"] == 3 and len(out["runs"]["seed"]) == 3 and len(out["runs"]["pgbench"]) == 3
+    for what in ("seed", "pgbench"):
+        low, high = out[f"{what}_s_spread"]
+        assert low <= out[f"{what}_s"] <= high
+        assert all(run["quiet_wait_s"] >= 1.0 for run in out["runs"][what])
+    assert "median of 3" in printed
     with engine.connect() as c:
         left = c.execute(text("SELECT count(*) FROM pg_database WHERE datname LIKE '%bench%'")).scalar()
     assert left == 0
