@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 from .config import WorkbookError
 from .database import CLONE_COMMENT, database_url, libpq_kwargs
 from .ownership import MARKER_TABLE, _adopt_legacy, _record, _x, ownership
+from .processes import alive
 from .waits import bounded
 
 ROLE_COMMENT = "qo-workbook role"
@@ -77,15 +78,8 @@ def owner_alive(name: str) -> bool | None:
     if not m or m.group("host") != _host_tag():
         return None
     pid = int(m.group("pid"))
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True  # a zombie or a reused pid counts as alive: keep rather than guess
+    # a reused pid counts as alive (keep rather than guess); a zombie has exited: its kernel is gone
+    return pid == os.getpid() or alive(pid)
 
 
 # ----------------------------------------------------------------------------- the process-local registry
