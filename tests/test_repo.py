@@ -202,7 +202,7 @@ def test_readme_lists_every_setting_of_the_embedded_server():
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 NB_IDS = [p.name[:3].rstrip("_") for p in NOTEBOOKS]
 UNSAFE_ON_PURPOSE = "# unsafe on purpose: the injection demo"
-SQL_CALLS = {"text", "exec_driver_sql", "execute", "executemany", "executescript"}
+SQL_CALLS = {"text", "exec_driver_sql", "execute", "executemany", "executescript", "SQL"}  # SQL: psycopg.sql.SQL
 # underscore names that are SQLAlchemy's (and namedtuple's) public API: Row._mapping, Row._asdict(), ...
 PUBLIC_UNDERSCORE = {"_mapping", "_asdict", "_fields", "_replace", "_make", "_t", "_tuple", "_field_defaults"}
 
@@ -296,6 +296,14 @@ def formatted_sql(tree, lines: list[str]) -> list[int]:
     """Line numbers where SQL built by Python formatting goes to text(), execute(), exec_driver_sql(), ..."""
     import ast
 
+    # a name bound to formatted text is formatted text too: q = f"..."; conn.execute(text(q))
+    formatted_names = {
+        t.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and _is_formatted_string(n.value)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
@@ -305,7 +313,7 @@ def formatted_sql(tree, lines: list[str]) -> list[int]:
         if name not in SQL_CALLS:
             continue
         args = node.args[:1] + [k.value for k in node.keywords if k.arg in ("statement", "sql", "query", "text")]
-        if any(_is_formatted_string(a) for a in args):
+        if any(_is_formatted_string(a) or (isinstance(a, ast.Name) and a.id in formatted_names) for a in args):
             span = lines[node.lineno - 1 : (node.end_lineno or node.lineno)]
             if not any(UNSAFE_ON_PURPOSE in line for line in span):
                 out.append(node.lineno)
@@ -345,6 +353,8 @@ def test_the_formatted_sql_check_catches_each_form_and_spares_bound_sql():
         'conn.exec_driver_sql("SELECT %s" % x)',
         'cur.execute("SELECT {}".format(x))',
         'raw.executescript(f"DROP TABLE {t}")',
+        'cur.execute(sql.SQL(f"SELECT * FROM {t}"))',
+        'q = f"SELECT * FROM {t}"\nconn.execute(text(q))',
     ]
     spared = [
         'conn.execute(text("SELECT :x"), {"x": 1})',
@@ -353,7 +363,7 @@ def test_the_formatted_sql_check_catches_each_form_and_spares_bound_sql():
         'conn.execute(text(f"SELECT 1"))',  # an f-string with nothing in it formats nothing
     ]
     for src in caught:
-        assert formatted_sql(ast.parse(src), [src]) == [1], src
+        assert formatted_sql(ast.parse(src), src.splitlines()) == [src.count("\n") + 1], src
     for src in spared:
         assert formatted_sql(ast.parse(src), [src]) == [], src
 
