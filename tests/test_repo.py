@@ -277,6 +277,20 @@ def test_notebooks_use_only_the_public_face_of_helpers(nb_path):
     defined = set().union(*(_defined_classes(t) for _, _, t in trees))
     bad = [f"cell {i} {v}" for i, _, tree in trees for v in public_face_violations(tree, defined)]
     assert not bad, f"{nb_path.name} reaches past helpers' public face: " + "; ".join(bad)
+    import ast
+
+    import helpers
+
+    imported = {
+        a.name
+        for _, _, tree in trees
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module == "helpers" and n.level == 0
+        for a in n.names
+    }
+    assert imported <= set(helpers.__all__), f"{nb_path.name} imports names helpers does not export: " + ", ".join(
+        sorted(imported - set(helpers.__all__))
+    )
 
 
 def _is_formatted_string(node) -> bool:
