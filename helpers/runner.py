@@ -40,7 +40,7 @@ def notebooks(selected: list[str] | None = None) -> list[Path]:
                 f"No such notebook: {', '.join(missing)}. Name .ipynb files, e.g. notebooks/00_*.ipynb."
             )
         return paths
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
 
 
 @contextlib.contextmanager
@@ -320,7 +320,7 @@ _ran: dict[str, tuple[float, str]] = {}  # notebook file -> (seconds, status) in
 
 
 def _chapter_files() -> list[Path]:
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
 
 
 def _write_copy(nb, target: Path) -> None:

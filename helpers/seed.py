@@ -31,6 +31,7 @@ from .database import libpq_tool_args
 from .dataset import (
     _LOAD_AFTER,
     LOADS,
+    Load,  # noqa: F401 - read as seed.Load (tests give a table another load)
     _select_sql,
     _u,  # noqa: F401 - chapter 02's old import, until it takes helpers.uniform_sql
 )
@@ -46,6 +47,10 @@ from .ownership import (
     is_seeded,
     ownership,
     seeded_info,
+)
+from .scratch import (
+    drop_leftovers,
+    lab_schema,  # noqa: F401 - its old home: chapter helpers still import it from here
 )
 from .server import embedded_bin_dir
 from .waits import bounded
@@ -442,8 +447,6 @@ def ensure_seeded(engine: Engine, scale: str | None = None, *, progress: bool = 
 def reset(engine: Engine, *, force: bool = False, scale: str | None = None, progress: bool = False) -> dict:
     """Drop everything the workbook can prove it owns (tables, marker, scratch objects of kernels that are
     gone; those of live kernels stay) and seed again."""
-    from .scratch import drop_leftovers
-
     try:
         with engine.begin() as conn, bounded(conn, "The reset (checking what the workbook owns)"):
             check_owned(conn, force)  # refuse before anything is dropped
@@ -475,12 +478,14 @@ def row_counts(engine: Engine):
     return pd.DataFrame(rows)
 
 
-def checksum(engine: Engine) -> dict[str, str]:
-    """md5 of every seeded table's contents in primary-key order (the determinism proof)."""
+def checksum(engine: Engine, *, progress: bool = False) -> dict[str, str]:
+    """md5 of every seeded table's contents in primary-key order (the determinism proof); ``progress``: a bar."""
+    from tqdm.auto import tqdm
+
     out = {}
     with engine.connect() as conn:
         conn.execute(text("SET TimeZone = 'UTC'"))
-        for t in models.Base.metadata.sorted_tables:
+        for t in tqdm(models.Base.metadata.sorted_tables, desc="checksums", unit="table", disable=not progress):
             order = sql.SQL(", ").join(sql.Identifier("x", c.name) for c in t.primary_key.columns)
             query = sql.SQL("SELECT md5(string_agg(md5(x::text), '' ORDER BY {})) FROM {} x").format(
                 order, sql.Identifier(t.name)
