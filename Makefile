@@ -19,11 +19,12 @@ NBMAKE := --nbmake --nbmake-timeout=300
 # chapters whose behaviour depends on the server's major version (plans, DDL locks)
 VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/06_zero_downtime_migrations.ipynb
 
-.PHONY: help venv run lab test test-browser test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
+.PHONY: help venv run lab test test-unit test-browser test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
 
 help:
 	@echo "make run        execute every notebook into output/ (starts the embedded PostgreSQL; CHAPTERS=\"00 02\": only those)"
 	@echo "make test       pytest on helpers + nbmake on every notebook (SCALE=small|large: the notebooks at that scale)"
+	@echo "make test-unit  the pure-code tests only: seconds, no database server (none is started)"
 	@echo "make lab        JupyterLab on notebooks/ with the database ready (PORT=8888 IP=0.0.0.0 for a remote machine)"
 	@echo "make test-browser  chapters run in JupyterLab in headless chromium (needs Debian's chromium)"
 	@echo "make db-start | db-stop | db-status | db-log | reset | seed | bench | lint | clean"
@@ -93,6 +94,12 @@ TEST_NBMAKE := $(if $(filter small large,$(or $(SCALE),$(WORKBOOK_SCALE))),--nbm
 test: venv db-start
 	$(TEST_SCALE) $(PY) -m helpers seed --if-needed
 	$(TEST_SCALE) $(PY) -m pytest $(if $(filter-out ci,$(or $(SCALE),$(WORKBOOK_SCALE))),,tests) notebooks $(TEST_NBMAKE) --durations=15
+
+# the unit lane: tests marked `unit` (pure code, static checks), with DATABASE_URL on a closed port so that
+# nothing starts the embedded server and a test that reaches for a database fails instead of waiting
+UNIT_DB := postgresql+psycopg://unit:unit@127.0.0.1:9/no_server_in_the_unit_lane
+test-unit: venv
+	DATABASE_URL=$(UNIT_DB) WORKBOOK_UNIT_LANE=1 $(PY) -m pytest -p no:cacheprovider -m unit tests -q
 
 # the version-specific chapters and tests once more on PostgreSQL 15 (Debian's postgresql-15)
 test-pg15: venv

@@ -14,67 +14,72 @@ from .config import WorkbookError, settings
 
 # Every public name is imported on first use, so `import helpers` (and `python -m helpers db ...`)
 # stays light and a chapter's module can grow without touching this file: name -> module.
+# Grouped as the package is (CONTRIBUTING: "The map of helpers"): platform, instruments, labs.
 _LAZY = {
-    "assert_max_queries": "helpers.counting",
-    "count_queries": "helpers.counting",
-    "clone_database": "helpers.database",
-    "database_name": "helpers.database",
-    "drop_lab_schema": "helpers.scratch",
-    "scratch_name": "helpers.scratch",
-    "scratch_suffix": "helpers.scratch",
-    "drop_database": "helpers.database",
-    "empty_database": "helpers.database",
+    # --- the platform: where the database is, engines, scratch databases and schemas, the seed, results
+    "REPO_ROOT": "helpers.config",  # the checkout's folder (tests/examples, migrations/)
+    "SCALES": "helpers.config",  # scale name -> rows of each kind (config.Scale)
     "get_engine": "helpers.database",
     "is_embedded": "helpers.database",
     "make_engine": "helpers.database",
     "psycopg_conninfo": "helpers.database",
     "require_extension": "helpers.database",
     "socket_url": "helpers.database",
+    "CLONE_COMMENT": "helpers.database",  # the stamp on every scratch database the workbook made
+    "clone_database": "helpers.scratchdb",
+    "database_name": "helpers.scratchdb",
+    "drop_database": "helpers.scratchdb",
+    "empty_database": "helpers.scratchdb",
+    "schema_database": "helpers.scratchdb",
+    "copied_database": "helpers.scratchdb",
+    "lab_schema": "helpers.scratch",
+    "drop_lab_schema": "helpers.scratch",
+    "scratch_name": "helpers.scratch",
+    "scratch_suffix": "helpers.scratch",
+    "models": "helpers.models",
+    "er_diagram": "helpers.erd",
+    "seed": "helpers.seed",  # the module: seed.seed(), seed.reset(), ...
+    "checksum": "helpers.seed",
+    "row_counts": "helpers.seed",
+    "seeded_info": "helpers.ownership",
+    "uniform_sql": "helpers.dataset",  # the seed's deterministic uniform [0, 1), as SQL
+    "server": "helpers.server",
     "record": "helpers.results",
     "ordering": "helpers.results",
-    "lab_schema": "helpers.seed",
-    "measure": "helpers.timing",
-    "models": "helpers.models",
     "plots": "helpers.plots",
-    "seed": "helpers.seed",
-    "server": "helpers.server",
+    "capabilities": "helpers.capability",  # module named apart from the function it exports
+    "have": "helpers.capability",
+    "skip_rest_unless": "helpers.capability",
+    "exercises": "helpers.exercises",
+    "progress": "helpers.progressbar",  # a bar in JupyterLab, one line in a headless run
+    # --- the instruments: what measures a chapter's code
+    "assert_max_queries": "helpers.counting",
+    "count_queries": "helpers.counting",
+    "TooManyQueries": "helpers.counting",
+    "measure": "helpers.timing",
     "explain": "helpers.plans",
     "compare": "helpers.plans",
     "Scenario": "helpers.sessions",
     "locks": "helpers.locks",
     "blocking": "helpers.locks",
     "retry": "helpers.retrying",  # module named apart from the function it exports
-    "anomalies": "helpers.anomalies",
-    "lockwatch": "helpers.lockwatch",  # chapter 06: which lock a DDL takes, whom it blocks, what it rewrites
-    "loadgen": "helpers.loadgen",  # chapter 06: readers, writers and inserters whose every wait is kept
-    "migrate": "helpers.migrate",  # chapter 06: the Alembic project from Python, and squawk on its SQL
-    "alembic_config": "helpers.migrate",
-    "monitoring": "helpers.monitoring",
-    "schema_database": "helpers.testdb",
-    "copied_database": "helpers.testdb",
-    "bulk": "helpers.bulk",
-    "pooling": "helpers.pooling",
-    "pgbouncer": "helpers.pgbouncer",
     "latency": "helpers.latency",
-    "exercises": "helpers.exercises",
     "bounded": "helpers.waits",  # every wait has a limit; names the blocker when it expires
-    "capabilities": "helpers.capability",  # module named apart from the function it exports
-    "have": "helpers.capability",
-    "skip_rest_unless": "helpers.capability",
-    "progress": "helpers.progressbar",  # a bar in JupyterLab, one line in a headless run
-    # chapter 00: the seed's plan per scale, its checksums and marker, the schema picture, the checkout
-    "SCALES": "helpers.seed",
-    "checksum": "helpers.seed",
-    "seeded_info": "helpers.seed",
-    "er_diagram": "helpers.erd",
-    "REPO_ROOT": "helpers.config",
-    # chapters 05 and 09 share one Prometheus exporter; chapter 08 names the guard's error and the repo
+    # --- the labs: one chapter's machinery each
+    "anomalies": "helpers.anomalies",
+    "lockwatch": "helpers.lockwatch",  # chapter 06: the DDL lock observatory
+    "loadgen": "helpers.loadgen",  # chapter 06: a bounded load of readers, writers and inserters
+    "migrate": "helpers.migrate",  # chapter 06: the Alembic project, its SQL, squawk
+    "alembic_config": "helpers.migrate",
+    "bulk": "helpers.bulk",
+    "monitoring": "helpers.monitoring",
+    "pooling": "helpers.pooling",  # chapter 05 reads its names through the module: pooling.pool_status(...)
+    "pgbouncer": "helpers.pgbouncer",
+    # chapters 05 and 09 share one Prometheus exporter
     "Exporter": "helpers.exporter",
     "pool_metrics": "helpers.exporter",
     "metrics_text": "helpers.exporter",
     "parse_metrics": "helpers.exporter",
-    "TooManyQueries": "helpers.counting",
-    "CLONE_COMMENT": "helpers.database",
 }
 
 
@@ -104,7 +109,7 @@ def where() -> dict:
     from sqlalchemy import text
 
     from .database import database_url, get_engine, is_embedded, masked
-    from .seed import seeded_info
+    from .ownership import seeded_info
 
     engine = get_engine()
     with engine.connect() as conn:
@@ -163,65 +168,10 @@ def setup(scale: str | None = None, *, quiet: bool = False):
     return engine
 
 
-__all__ = [
-    "WorkbookError",
-    "anomalies",
-    "bulk",
-    "lockwatch",
-    "loadgen",
-    "migrate",
-    "alembic_config",
-    "pgbouncer",
-    "pooling",
-    "assert_max_queries",
-    "blocking",
-    "clone_database",
-    "empty_database",
-    "drop_database",
-    "compare",
-    "count_queries",
-    "explain",
-    "get_engine",
-    "is_embedded",
-    "lab_schema",
-    "locks",
-    "make_engine",
-    "measure",
-    "models",
-    "require_extension",
-    "plots",
-    "psycopg_conninfo",
-    "record",
-    "ordering",
-    "retry",
-    "Scenario",
-    "settings",
-    "setup",
-    "socket_url",
-    "where",
-    "latency",
-    "exercises",
-    "monitoring",
-    "schema_database",
-    "copied_database",
-    "database_name",
-    "drop_lab_schema",
-    "scratch_name",
-    "scratch_suffix",
-    "bounded",
-    "capabilities",
-    "have",
-    "skip_rest_unless",
-    "progress",
-    "SCALES",
-    "checksum",
-    "seeded_info",
-    "er_diagram",
-    "REPO_ROOT",
-    "Exporter",
-    "pool_metrics",
-    "metrics_text",
-    "parse_metrics",
-    "TooManyQueries",
-    "CLONE_COMMENT",
-]
+# the public face: what notebooks import (tests/test_repo.py checks that they import nothing else)
+__all__ = ["WorkbookError", "settings", "setup", "where", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    """``dir(helpers)`` and Tab completion show the public names, the lazy ones included."""
+    return sorted(__all__)

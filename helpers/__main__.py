@@ -71,15 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     db = sub.add_parser("db", help="embedded server lifecycle")
     db.add_argument("action", choices=["start", "stop", "status", "url", "log"])
     sd = sub.add_parser("seed", help="build the schema and load deterministic data")
-    sd.add_argument("--scale", choices=SCALES, default=None)
+    sd.add_argument("--scale", choices=list(SCALES), default=None)
     sd.add_argument("--force", action="store_true", help="seed even beside tables the workbook did not create")
     sd.add_argument("--if-needed", action="store_true", help="do nothing when this scale is already seeded")
     rs = sub.add_parser("reset", help="drop what the workbook owns and seed again")
-    rs.add_argument("--scale", choices=SCALES, default=None)
+    rs.add_argument("--scale", choices=list(SCALES), default=None)
     rs.add_argument("--force", action="store_true")
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("what", choices=["seed"])
-    bench.add_argument("--scale", choices=SCALES, default="ci")
+    bench.add_argument("--scale", choices=list(SCALES), default="ci")
+    bench.add_argument("--rounds", type=int, default=3, help="runs of each command (medians and spread)")
     run = sub.add_parser("run", help="execute every notebook in order into output/")
     run.add_argument("notebooks", nargs="*")
     cr = sub.add_parser("compare-results", help="compare two runs' results folders on their declared conclusions")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import bench_seed
 
-            bench_seed(args.scale)
+            bench_seed(args.scale, rounds=args.rounds)
             return 0
         if args.command == "run":
             from .runner import run_notebooks

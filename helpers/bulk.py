@@ -42,7 +42,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .models import Comment, Order, User
-from .seed import lab_schema
+from .scratch import lab_schema
 
 SCHEMA = "wb_rawsql"
 

@@ -25,11 +25,30 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCALES = ("ci", "small", "large")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How many rows the seed makes of each kind at one scale (the other tables follow from these)."""
+
+    users: int
+    posts: int
+    comments: int
+    products: int
+    orders: int
+    tags: int = 60
+
+
+SCALES = {  # the one definition: names (WORKBOOK_SCALE, --scale) and sizes
+    "ci": Scale(users=2_000, posts=20_000, comments=60_000, products=500, orders=10_000),
+    "small": Scale(users=20_000, posts=200_000, comments=600_000, products=5_000, orders=100_000),
+    "large": Scale(users=200_000, posts=2_000_000, comments=6_000_000, products=20_000, orders=1_000_000),
+}
 SERVER_USER = "qowb"  # the unprivileged system user that runs the embedded server as root
 _NAMEDATALEN = 63  # PostgreSQL silently truncates longer identifiers (bytes)
 
@@ -152,6 +171,7 @@ class Settings:
 
 
 def settings() -> Settings:
+    """The workbook's settings (``.scale``, ``.seed``, ``.db_name``, ...), read from the environment once."""
     return Settings()
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 from sqlalchemy import Engine, event
 
-_IN_LIST = re.compile(r"\(\s*(?:%\(\w+\)s|%s|\$\d+|\?|:\w+)(?:\s*,\s*(?:%\(\w+\)s|%s|\$\d+|\?|:\w+))+\s*\)")
+_IN_LIST = re.compile(
+    r"(\bIN\s*)\(\s*(?:%\(\w+\)s|%s|\$\d+|\?|:\w+)(?:\s*,\s*(?:%\(\w+\)s|%s|\$\d+|\?|:\w+))+\s*\)", re.I
+)
 _PARAM = re.compile(r"%\(\w+\)s|%s|\$\d+|(?<!:):\w+")
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
 _STRING = re.compile(r"'(?:[^']|'')*'")
@@ -30,7 +32,7 @@ _VALUES = re.compile(r"VALUES\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:
 def statement_shape(sql: str) -> str:
     """The statement with parameters and literals replaced by ``?`` and IN / VALUES lists folded."""
     s = _STRING.sub("?", sql)
-    s = _IN_LIST.sub("(?, ...)", s)
+    s = _IN_LIST.sub(r"\1(?, ...)", s)  # IN (...) lists only: a VALUES row keeps its columns
     s = _PARAM.sub("?", s)
     s = _NUMBER.sub("?", s)
     s = _VALUES.sub(r"VALUES \1, ...", s)

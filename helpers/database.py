@@ -8,13 +8,12 @@ trainees sharing one server each get a database of their own.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from sqlalchemy import Engine, NullPool, create_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 
 from . import server
@@ -33,6 +32,7 @@ def _normalise(url: URL) -> URL:
 
 
 def is_embedded() -> bool:
+    """True when the workbook runs on its embedded server (no ``DATABASE_URL``)."""
     return settings().database_url is None
 
 
@@ -78,7 +78,8 @@ def last_url() -> URL | None:
     return _last_url
 
 
-def _libpq_kwargs(url: URL) -> dict:
+def libpq_kwargs(url: URL) -> dict:
+    """Keyword arguments for ``psycopg.connect`` to ``url`` (host, port, user, password, dbname, options)."""
     kw = {
         "host": url.host or "localhost",
         "port": url.port or 5432,
@@ -95,7 +96,7 @@ def libpq_tool_args(url: URL) -> tuple[str, dict[str, str]]:
     """How to point a libpq command-line tool (psql, pgbench) at ``url``: a connection string for its
     database argument, and an environment carrying the password. ``ps`` shows command lines to every
     user of the machine, a process's environment only to its owner."""
-    kw = _libpq_kwargs(url)
+    kw = libpq_kwargs(url)
     password = kw.pop("password", None)
     env = dict(os.environ)
     if password is not None:
@@ -119,7 +120,7 @@ def _tcp_answers(host: str, port: str) -> bool:
 def check_connection(url: URL) -> None:
     """Connect once and turn the usual failures into one paragraph saying what to do."""
     where = masked(url)
-    kw = _libpq_kwargs(url)
+    kw = libpq_kwargs(url)
     try:
         with psycopg.connect(**kw):
             return
@@ -158,7 +159,7 @@ def check_connection(url: URL) -> None:
 def _ensure_database(url: URL) -> None:
     """Create the workbook database on the embedded server when it is missing."""
     admin = url.set(database="postgres")
-    with psycopg.connect(**_libpq_kwargs(admin), autocommit=True) as conn:
+    with psycopg.connect(**libpq_kwargs(admin), autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)).fetchone()
         if not exists:
             try:
@@ -213,7 +214,7 @@ def psycopg_conninfo(database: str | None = None) -> dict:
     url = database_url()
     if database:
         url = url.set(database=database)
-    return _libpq_kwargs(url)
+    return libpq_kwargs(url)
 
 
 def socket_url(database: str | None = None) -> URL | None:
@@ -231,226 +232,11 @@ def socket_url(database: str | None = None) -> URL | None:
     )
 
 
-CLONE_COMMENT = "qo-workbook clone"
+CLONE_COMMENT = "qo-workbook clone"  # the stamp of every scratch database (helpers.scratchdb) and the template
 
 
-TEMPLATE_SUFFIX = "tpl"
-
-
-def _copy_database(admin, name: str, source: str) -> bool:
-    """CREATE DATABASE name TEMPLATE source; False when sessions on source prevent the copy."""
-    import time
-
-    for _ in range(3):
-        try:
-            admin.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source))
-            )
-            return True
-        except psycopg.errors.ObjectInUse:
-            time.sleep(0.2)
-        except psycopg.errors.InsufficientPrivilege:
-            raise WorkbookError(
-                f"Cannot create the scratch database {name!r}: this role lacks CREATEDB. Ask the server's "
-                "administrator for CREATEDB (ALTER ROLE ... CREATEDB) or run the chapter on the embedded server."
-            ) from None
-    return False
-
-
-def _new_database(admin, name: str, source: str | None, *, mine: bool = True) -> bool:
-    """Create ``name`` (a copy of ``source`` when possible), mark it as the workbook's; True if copied.
-
-    ``mine``: record it as this process's (``helpers.scratch``), and in the run's record
-    (``RUN_RECORD_ENV``) so ``helpers run`` drops it if the notebook does not (interrupted, failed).
-    False for the shared template: it belongs to no process and outlives runs.
-    """
-    copied = bool(source) and _copy_database(admin, name, source)
-    if not copied:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
-    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(CLONE_COMMENT)))
-    if mine:  # the shared template belongs to no process
-        from .scratch import remember_database
-
-        remember_database(admin, name, CLONE_COMMENT)
-        _record_created(admin, name)
-    return copied
-
-
-def database_name(suffix: str) -> str:
-    """The name of this kernel's database for ``suffix``: ``<workbook db>_<suffix>_<scratch_suffix()>``.
-
-    Per kernel, so two learners (or one learner's two kernels) on one server never share it.
-    """
-    from .scratch import scratch_name
-
-    if not suffix.replace("_", "").isalnum() or suffix.lower() != suffix or suffix == TEMPLATE_SUFFIX:
-        raise ValueError(
-            f"suffix must be lower-case letters, digits, underscores (not {TEMPLATE_SUFFIX!r}): {suffix!r}"
-        )
-    return scratch_name(f"{database_url().database}_{suffix}")
-
-
-_TEMPLATE_WAIT = "10min"  # making the template seeds it afresh at worst: minutes at `large`
-
-
-def _lock_template(admin) -> None:
-    """Take the template maker's advisory lock, waiting at most ``_TEMPLATE_WAIT``; name the holder if not."""
-    admin.execute("SELECT set_config('lock_timeout', %s, false)", (_TEMPLATE_WAIT,))
-    try:
-        admin.execute("SELECT pg_advisory_lock(%s)", (_CLONE_LOCK,))
-    except psycopg.errors.LockNotAvailable:
-        holder = admin.execute(
-            "SELECT a.pid, a.application_name, a.state, a.query_start FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.objid = %s",
-            (_CLONE_LOCK & 0xFFFFFFFF,),
-        ).fetchone()
-        who = (
-            f"session pid {holder[0]} ({holder[1] or 'no application_name'}, {holder[2]}, since {holder[3]})"
-            if holder
-            else "another session"
-        )
-        raise WorkbookError(
-            f"Waited {_TEMPLATE_WAIT} for {who}, which is making the template of the seeded database. Nothing was "
-            "changed. Try again when it is done, or end that session (SELECT pg_terminate_backend(pid))."
-        ) from None
-    finally:
-        admin.execute("SELECT set_config('lock_timeout', '0', false)")
-
-
-# ----------------------------------------------------------------------------- what a run created
-RUN_RECORD_ENV = "WORKBOOK_RUN_RECORD"  # set by `helpers run` for its kernels: a file of JSON lines
-
-
-def _record_created(admin, name: str) -> None:
-    """Append ``{"database", "oid", "pid"}`` to the run's record, when this process runs under ``helpers run``."""
-    path = os.environ.get(RUN_RECORD_ENV)
-    if not path:
-        return
-    row = admin.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
-    with open(path, "a") as fh:
-        fh.write(json.dumps({"database": name, "oid": int(row[0]), "pid": os.getpid()}) + "\n")
-
-
-def read_run_record(path) -> list[dict]:
-    """The databases a run recorded (``_record_created``); unreadable lines are skipped."""
-    out = []
-    try:
-        lines = open(path).read().splitlines()
-    except FileNotFoundError:
-        return out
-    for line in lines:
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(item, dict) and isinstance(item.get("database"), str) and isinstance(item.get("oid"), int):
-            out.append(item)
-    return out
-
-
-def drop_recorded(records: list[dict]) -> list[str]:
-    """Drop the recorded databases that still exist as created: same OID, still carrying the clone marker.
-
-    A database of that name re-created since (another OID) or not marked is someone else's: left alone.
-    Returns the names dropped. Used by ``helpers run`` once the notebook's kernel is gone.
-    """
-    if not records:
-        return []
-    dropped = []
-    admin_url = database_url().set(database="postgres")
-    with psycopg.connect(**_libpq_kwargs(admin_url), autocommit=True) as conn:
-        conn.execute(
-            "SELECT set_config('lock_timeout', '10s', false)"
-        )  # bounded: reported on the run's line if it expires
-        for item in records:
-            row = conn.execute(
-                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s AND oid = %s",
-                (item["database"], item["oid"]),
-            ).fetchone()
-            if row is None or row[0] != CLONE_COMMENT:
-                continue
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(item["database"])))
-            dropped.append(item["database"])
-    return dropped
-
-
-def _template(admin, base: URL) -> str:
-    """An idle, up-to-date copy of the seeded database (``<db>_tpl``) that clones are made from.
-
-    Nobody works in it, so ``CREATE DATABASE ... TEMPLATE`` from it never meets other sessions
-    (a copy straight from the shared database fails whenever another notebook is connected).
-    Re-made when the seeded data changes (scale, seed, or the generator).
-    """
-    from . import seed
-    from .config import settings
-
-    name = f"{base.database}_{TEMPLATE_SUFFIX}"
-    s = settings()
-    exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-    if exists:
-        eng = create_engine(base.set(database=name), poolclass=NullPool)
-        try:
-            fresh = seed.is_seeded(eng, s.scale, s.seed)
-        finally:
-            eng.dispose()
-        if fresh:
-            return name
-        _drop_stamped(admin, name)
-    for eng in _engines.values():  # our own pooled connections to the source would block the copy
-        eng.dispose()
-    if not _new_database(admin, name, base.database, mine=False):
-        eng = create_engine(base.set(database=name), poolclass=NullPool)
-        try:
-            seed.seed(eng, force=True)  # deterministic: the same bytes as the shared database
-        finally:
-            eng.dispose()
-    return name
-
-
-def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
-    """A database of the kernel's own, ``<workbook db>_<suffix>_<kernel>``, holding a copy of the seeded data.
-
-    Chapters that change schema or data (migrations, tests) work here, never in the shared
-    database. The name ends with ``scratch_suffix()`` (see ``helpers.scratch``): two kernels never share
-    it; ``engine.url.database`` tells it. Re-created on every call (only a database this process created
-    is ever dropped). Copied with ``CREATE DATABASE ... TEMPLATE`` from an idle template of the seeded
-    database, ``<db>_tpl``, shared and made once (see ``_template``). Needs CREATEDB on a shared server.
-    """
-    name = database_name(suffix)
-    base = database_url()
-    drop_database(suffix)
-    with psycopg.connect(
-        **_libpq_kwargs(base.set(database="postgres")), autocommit=True, application_name="wb_clone_template"
-    ) as admin:
-        _lock_template(admin)  # one template maker at a time, server-wide
-        try:
-            template = _template(admin, base)
-            copied = _new_database(admin, name, template)
-        finally:
-            admin.execute("SELECT pg_advisory_unlock(%s)", (_CLONE_LOCK,))
-    engine = create_engine(base.set(database=name), **(engine_kw or {}))
-    if not copied:  # someone was connected to the template after all: seed afresh
-        from . import seed
-
-        seed.seed(engine, force=True)
-    return engine
-
-
-_CLONE_LOCK = 0x514F5743
-
-
-def empty_database(suffix: str, **engine_kw) -> Engine:
-    """A new, EMPTY database ``<workbook db>_<suffix>_<kernel>`` of this kernel's own (re-created on each call).
-
-    For migration tests, test runs and benchmarks; ``drop_database(suffix)`` removes it.
-    """
-    name = database_name(suffix)
-    base = database_url()
-    drop_database(suffix)
-    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as admin:
-        _new_database(admin, name, None)
-    return create_engine(base.set(database=name), **engine_kw)
+def _create_extension(name: str) -> sql.Composed:
+    return sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name))
 
 
 def try_create_extension(engine: Engine, name: str) -> bool:
@@ -459,53 +245,10 @@ def try_create_extension(engine: Engine, name: str) -> bool:
     with engine.begin() as conn:
         try:
             with conn.begin_nested():
-                conn.exec_driver_sql(f'CREATE EXTENSION IF NOT EXISTS "{name}"')
+                conn.connection.driver_connection.execute(_create_extension(name))
             return True
         except Exception:  # noqa: BLE001 - not superuser on a shared server: chapters check and explain
             return False
-
-
-def drop_database(suffix: str) -> bool:
-    """Drop this kernel's ``<workbook db>_<suffix>_<kernel>`` if (and only if) this process created it.
-
-    False when it does not exist. A database of that name this process did not create (or whose OID or
-    stamp changed since) raises WorkbookError and is left untouched.
-    """
-    from .scratch import database_record, forget_database
-
-    name = database_name(suffix)
-    base = database_url()
-    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT oid, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
-        ).fetchone()
-        if row is None:
-            forget_database(name)
-            return False
-        made = database_record(name)
-        if row[1] != CLONE_COMMENT or made is None or made.oid != int(row[0]):
-            raise WorkbookError(
-                f"Database {name!r} exists but was not created by the workbook in this kernel; it was left "
-                "untouched. Drop or rename it yourself, or set WORKBOOK_DB to another name."
-            )
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-    forget_database(name)
-    return True
-
-
-def _drop_stamped(admin, name: str) -> None:
-    """Drop the shared template ``name`` (it carries the clone stamp; nobody works in it)."""
-    row = admin.execute(
-        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
-    ).fetchone()
-    if row is None:
-        return
-    if row[0] != CLONE_COMMENT:
-        raise WorkbookError(
-            f"Database {name!r} exists but was not created by the workbook; it was left untouched. "
-            "Drop or rename it yourself, or set WORKBOOK_DB to another name."
-        )
-    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 _PRELOADED = {"pg_stat_statements", "auto_explain"}
@@ -545,7 +288,7 @@ def require_extension(engine: Engine, name: str) -> None:
         if installed:
             return
         try:
-            conn.exec_driver_sql(f'CREATE EXTENSION IF NOT EXISTS "{name}"')  # name checked against the catalog
+            conn.connection.driver_connection.execute(_create_extension(name))  # name checked against the catalog
             conn.commit()
         except Exception as exc:  # noqa: BLE001
             raise WorkbookError(

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from sqlalchemy.engine import URL
 
 from .config import SERVER_USER, WorkbookError, is_root
 from .database import database_url
+from .processes import die_with_parent, free_port
 
 INSTALL_HINT = (
     "PgBouncer is not installed here. Install it with `apt-get install pgbouncer` (Debian/Ubuntu), "
@@ -68,21 +68,8 @@ def tracks_prepared_statements(version: tuple[int, int, int]) -> bool:
     return version[:2] >= PREPARED_TRACKING_SINCE
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _quote(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
-
-
-def _die_with_parent() -> None:  # runs in the child after the user switch (PDEATHSIG is reset by setuid)
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -119,7 +106,7 @@ class PgBouncer:
         server = server or database_url()
         if not server.password or not server.username:
             raise WorkbookError("PgBouncer needs the server's user name and password in the URL to authenticate.")
-        port = _free_port()
+        port = free_port()
         workdir = Path(tempfile.mkdtemp(prefix="wb-pgbouncer-"))
         conf = {
             "listen_addr": "127.0.0.1",
@@ -173,7 +160,7 @@ class PgBouncer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             **kw,
         )
         bouncer = cls(process, port, workdir, version, pool_mode, pool_size, server, conf)

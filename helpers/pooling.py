@@ -31,7 +31,7 @@ from sqlalchemy import Engine, event, text
 
 from .config import REPO_ROOT, WorkbookError
 from .database import database_url, psycopg_conninfo
-from .processes import alive
+from .processes import alive, die_with_parent
 
 ROLE_PREFIX = "wb_pool_limited_"
 
@@ -581,11 +581,8 @@ def too_many_clients(max_connections: int = 6, superuser_reserved: int = 3, time
 
 def _nice_and_die_with_parent() -> None:
     """In the child: lowest CPU priority (it runs beside measurements), SIGTERM when the parent dies."""
-    import ctypes
-    import signal
-
     os.nice(19)
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent()
 
 
 def _stop_leftover(state: str, env: dict) -> None:

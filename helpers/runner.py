@@ -183,7 +183,7 @@ def _cleanup(kernel_pid: int | None, record: Path) -> list[str]:
             done += [f"throwaway server {p}" for p in reap_throwaways(owner_pid=kernel_pid)]
         except Exception as exc:  # noqa: BLE001 - reported on the run's line, never a traceback
             done.append(f"could not remove its throwaway server: {_first_line(exc)}")
-    from .database import drop_recorded, read_run_record
+    from .scratchdb import drop_recorded, read_run_record
 
     records = read_run_record(record)
     if records:
@@ -222,7 +222,7 @@ def _error_cell(nb) -> int | None:
 
 def run_notebooks(selected: list[str] | None = None, timeout: int = 600) -> int:
     """Execute each notebook top to bottom; stop at the first failure, naming the failing cell."""
-    from .database import RUN_RECORD_ENV
+    from .scratchdb import RUN_RECORD_ENV
 
     paths = notebooks(selected)
     os.environ["WORKBOOK_HEADLESS"] = "1"  # the kernels inherit it: helpers.progress prints one line, no widget
@@ -281,7 +281,7 @@ def _run_one(path: Path, out: Path, run_dir: Path, timeout: int) -> int:
     import nbformat
     from nbclient import NotebookClient
 
-    from .database import RUN_RECORD_ENV
+    from .scratchdb import RUN_RECORD_ENV
 
     nb = nbformat.read(path, as_version=4)
     record = run_dir / f"{path.stem}.jsonl"

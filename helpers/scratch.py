@@ -28,8 +28,16 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from sqlalchemy import Engine
+
+from .config import WorkbookError
+from .database import CLONE_COMMENT, database_url, libpq_kwargs
+from .ownership import MARKER_TABLE, _adopt_legacy, _record, _x, ownership
+from .processes import alive
+from .waits import bounded
 
 ROLE_COMMENT = "qo-workbook role"
+_SCHEMA_LOCK_KEY = 0x514F5753  # pg_advisory_xact_lock key serialising lab_schema calls (one database)
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently: we refuse them instead
 _SUFFIX_RE = re.compile(r"_k(?P<pid>\d+)_(?P<host>[0-9a-f]{4})[0-9a-f]{4}$")
 
@@ -56,8 +64,6 @@ def scratch_name(base: str) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         raise ValueError(f"a scratch name takes lower-case letters, digits and underscores: {base!r}")
     if len(name.encode()) > MAX_IDENTIFIER:
-        from .config import WorkbookError
-
         raise WorkbookError(
             f"The name {name!r} is longer than PostgreSQL's {MAX_IDENTIFIER} bytes (it would be cut short). "
             "Use a shorter name (or a shorter WORKBOOK_DB)."
@@ -72,15 +78,8 @@ def owner_alive(name: str) -> bool | None:
     if not m or m.group("host") != _host_tag():
         return None
     pid = int(m.group("pid"))
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True  # a zombie or a reused pid counts as alive: keep rather than guess
+    # a reused pid counts as alive (keep rather than guess); a zombie has exited: its kernel is gone
+    return pid == os.getpid() or alive(pid)
 
 
 # ----------------------------------------------------------------------------- the process-local registry
@@ -115,8 +114,6 @@ def remember_schema(conn, schema: str) -> None:
     """
     from sqlalchemy import text
 
-    from .config import WorkbookError
-
     row = conn.execute(
         text(
             "SELECT n.oid, obj_description(n.oid, 'pg_namespace'), n.xmin = pg_current_xact_id()::xid, "
@@ -143,8 +140,6 @@ def drop_lab_schema(engine, schema: str) -> bool:
     """
     from sqlalchemy import text
 
-    from .config import WorkbookError
-
     with engine.begin() as conn:
         database = conn.execute(text("SELECT current_database()")).scalar()
         made = _made.get(_key("schema", schema, database))
@@ -169,8 +164,6 @@ def drop_lab_schema(engine, schema: str) -> bool:
                 f"Not dropping the schema {schema!r}: it is no longer the one this kernel created (its OID or "
                 "its qo-workbook stamp changed). It was left untouched."
             )
-        from .seed import MARKER_TABLE, ownership
-
         if schema not in ownership(conn).schemas.values():  # the marker's record: the second proof
             raise WorkbookError(
                 f"Not dropping the schema {schema!r}: the workbook's marker has no record of it (or a stamp that "
@@ -212,8 +205,6 @@ def create_role(conn: psycopg.Connection, base: str, options: sql.Composable | N
 
 def drop_role(conn: psycopg.Connection, name: str) -> bool:
     """DROP ROLE ``name`` if this process created it (same OID, same stamp); True when dropped."""
-    from .config import WorkbookError
-
     made = _made.get(_key("role", name))
     if made is None or made.pid != os.getpid():
         raise WorkbookError(f"Not dropping the role {name!r}: this kernel did not create it.")
@@ -230,6 +221,41 @@ def drop_role(conn: psycopg.Connection, name: str) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------- scratch schemas
+def lab_schema(engine: Engine, name: str) -> str:
+    """Create (if missing) this kernel's scratch schema ``wb_<name>_<kernel>``; returns its name.
+
+    Chapters that create tables of their own put them here, so they never touch the seeded
+    data, two kernels never share one (the suffix is ``scratch_suffix()``), and
+    ``drop_lab_schema(engine, schema)`` (at the end of the notebook) or ``reset`` (a kernel that is
+    gone) can drop them without touching anything else. The schema is stamped and its OID recorded
+    in the marker (``ownership``); an existing schema of that name the workbook cannot prove it
+    created is refused, never taken over.
+    """
+    schema = scratch_name(f"wb_{name}")
+    if not schema.replace("_", "").isalnum():
+        raise ValueError(f"schema name must be alphanumeric: {name!r}")
+    with engine.begin() as conn, bounded(conn, f"Creating the scratch schema {schema}"):
+        _x(conn, "SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))  # one creator at a time
+        own = _adopt_legacy(conn, ownership(conn))
+        if schema in own.schemas.values():
+            return schema
+        if own.marker_id is None:
+            raise WorkbookError(
+                f"Cannot create the scratch schema {schema}: this database holds no workbook marker "
+                f"({MARKER_TABLE}). Seed it first (engine = setup(), or python -m helpers seed)."
+            )
+        if _x(conn, "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+            raise WorkbookError(
+                f"Schema {schema} exists but the workbook did not create it; it was left untouched. "
+                "Drop or rename it yourself, or use another name."
+            )
+        _x(conn, sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        _record(conn, own.marker_id, "schema", schema)
+        remember_schema(conn, schema)  # this process created it: drop_lab_schema may drop it
+    return schema
+
+
 # ----------------------------------------------------------------------------- leftovers of kernels that are gone
 def _dead(name: str) -> bool:
     return owner_alive(name) is False
@@ -239,8 +265,6 @@ def _proven_schemas(url) -> set[str]:
     """Scratch schemas the workbook's marker proves it created (OID recorded, stamp matching)."""
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
-
-    from .seed import ownership
 
     eng = create_engine(url, poolclass=NullPool)
     try:
@@ -258,11 +282,9 @@ def drop_leftovers(url=None, progress: bool = False) -> dict[str, list[str]]:
     ``<db>_..._k<pid>_...`` stamped as clones, and roles stamped ``qo-workbook role``, of dead processes.
     ``url``: the workbook database (default: ``database_url()``).
     """
-    from .database import CLONE_COMMENT, _libpq_kwargs, database_url
-
     base = url if url is not None else database_url()
     out: dict[str, list[str]] = {"schemas": [], "databases": [], "roles": [], "kept": []}
-    with psycopg.connect(**_libpq_kwargs(base), autocommit=True) as conn:
+    with psycopg.connect(**libpq_kwargs(base), autocommit=True) as conn:
         conn.execute("SELECT set_config('lock_timeout', '10s', false)")
         for name in sorted(_proven_schemas(base)):
             legacy = _SUFFIX_RE.search(name) is None
@@ -315,15 +337,13 @@ def _drop_at_exit() -> None:
     if not mine:
         return
     try:
-        from .database import _libpq_kwargs, database_url
-
         base = database_url()
     except Exception:  # noqa: BLE001 - at exit: nothing to report to
         return
     for m in sorted(mine, key=lambda m: ("schema", "database", "role").index(m.kind)):
         try:
             db = m.database if m.kind == "schema" else "postgres"
-            kw = dict(_libpq_kwargs(base.set(database=db)), connect_timeout=3)
+            kw = dict(libpq_kwargs(base.set(database=db)), connect_timeout=3)
             with psycopg.connect(**kw, autocommit=True) as conn:
                 conn.execute(
                     "SELECT set_config('lock_timeout', '3s', false), set_config('statement_timeout', '20s', false)"

@@ -15,14 +15,14 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import postmaster
 from .config import REPO_ROOT, SERVER_USER, WorkbookError, checkout_hash, is_root, settings
+from .processes import free_port
 
 SUPERUSER = "postgres"
 _SOCKET_MAX = 100  # unix socket paths must stay under 107 bytes, ".s.PGSQL.NNNNN" included
@@ -263,127 +263,6 @@ class ServerInfo:
         return asdict(self)
 
 
-def _pid_file(p: Paths) -> list[str] | None:
-    try:
-        return (p.data / "postmaster.pid").read_text().splitlines()
-    except (FileNotFoundError, PermissionError):
-        return None
-
-
-def _proc_cwd(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return None
-
-
-def _proc_stat(pid: int) -> tuple[str, str, float] | None:
-    """(state letter, command name, start time in seconds since the epoch) of a process, None when gone.
-
-    A zombie (state ``Z``: dead, not yet reaped by its parent) keeps its pid, name and start time, but
-    has no open files, memory or working folder any more."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-        with open("/proc/stat") as fh:
-            btime = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], comm, btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
-_START_SLACK = 5.0  # seconds between a process's fork and the start time PostgreSQL writes in its lock files
-
-
-def _lock_holder_alive(lines: list[str]) -> bool | None:
-    """Whether the process that wrote a PostgreSQL lock file (``postmaster.pid`` or ``.s.PGSQL.<port>.lock``:
-    pid on line 1, its start time on line 3) is still running. False when that pid is gone, is a zombie
-    (PostgreSQL's own ``kill(pid, 0)`` still sees it and refuses to start: issue 13), or now belongs to a
-    process started at another time (pid reused after a restart); None when the file cannot be read."""
-    try:
-        pid, started = int(lines[0]), int(lines[2])
-    except (IndexError, ValueError):
-        return None
-    stat = _proc_stat(pid)
-    if stat is None:
-        return False
-    state, _comm, start = stat
-    if abs(start - started) > _START_SLACK:
-        return False  # another process got that pid
-    return state not in ("Z", "X")
-
-
-def _is_our_postmaster(pid: int, p: Paths) -> bool:
-    """True when ``pid`` is a live (not zombie) postmaster working in our data folder."""
-    stat = _proc_stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False
-    return _proc_cwd(pid) == str(p.data.resolve())
-
-
-def _postmaster(p: Paths) -> tuple[int, int] | None:
-    """(pid, port) of a live postmaster on our data folder, else None."""
-    lines = _pid_file(p)
-    if not lines or len(lines) < 4:
-        return None
-    try:
-        pid, port = int(lines[0]), int(lines[3])
-    except ValueError:
-        return None
-    return (pid, port) if _is_our_postmaster(pid, p) else None
-
-
-def _orphans(p: Paths) -> list[int]:
-    """Backends left behind by a postmaster killed with -9 (their cwd is our data folder)."""
-    data = str(p.data.resolve())
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _proc_cwd(int(entry)) == data:
-            found.append(int(entry))
-    return found
-
-
-def _socket_locks(p: Paths) -> list[Path]:
-    """Socket lock files in our socket folder written by a postmaster of OUR data folder (line 2)."""
-    ours = []
-    with contextlib.suppress(OSError):
-        for lock in p.socket_dir.glob(".s.PGSQL.*.lock"):
-            with contextlib.suppress(OSError, IndexError):
-                if Path(lock.read_text().splitlines()[1]).resolve() == p.data.resolve():
-                    ours.append(lock)
-    return ours
-
-
-def _recover_from_crash(p: Paths) -> None:
-    """Clear what a postmaster killed with -9 left behind, once it is proven dead (gone or a zombie).
-
-    Its backends are killed (they are ours: their working folder is our data folder). Its lock files
-    are removed only when the process that wrote them is gone or a zombie: a zombie postmaster, left
-    unreaped by a parent that never waits (Jupyter, ``make lab`` as a container's PID 1), keeps its pid,
-    and PostgreSQL would refuse to start beside it forever. A lock whose writer still runs is kept."""
-    for pid in _orphans(p):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _orphans(p) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pidfile = p.data / "postmaster.pid"
-    lines = _pid_file(p)
-    if lines is not None:
-        if _lock_holder_alive(lines):
-            raise WorkbookError(
-                f"A PostgreSQL process (pid {lines[0]}) still holds {pidfile} but does not work in that "
-                f"folder; the workbook leaves it alone. Stop it (`kill {lines[0]}`), then start again."
-            )
-        pidfile.unlink(missing_ok=True)
-    for lock in _socket_locks(p):
-        with contextlib.suppress(OSError):
-            if _lock_holder_alive(lock.read_text().splitlines()) is False:
-                lock.unlink(missing_ok=True)
-                Path(str(lock).removesuffix(".lock")).unlink(missing_ok=True)  # its socket
-
-
 def port_is_free(port: int) -> bool:
     """True when nothing listens on 127.0.0.1:port (connections in TIME_WAIT, e.g. after a restart,
     do not count: PostgreSQL binds with SO_REUSEADDR too, so the recorded port stays the same)."""
@@ -394,12 +273,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _choose_port(p: Paths) -> int:
@@ -416,7 +289,7 @@ def _choose_port(p: Paths) -> int:
         recorded = int(p.port_file.read_text().strip())
         if port_is_free(recorded):
             return recorded
-    port = _free_port()
+    port = free_port()
     p.port_file.write_text(f"{port}\n")
     return port
 
@@ -523,7 +396,7 @@ def status() -> ServerInfo:
     bindir = bin_dir()
     major = major_version(bindir)
     p = paths(major)
-    pm = _postmaster(p)
+    pm = postmaster.running(p.data)
     return ServerInfo(
         running=pm is not None,
         pid=pm[0] if pm else None,
@@ -546,12 +419,12 @@ def start() -> ServerInfo:
     major = major_version(bindir)
     p = paths(major)
     with _locked(p):
-        if _postmaster(p) is None:
+        if postmaster.running(p.data) is None:
             with _state_errors(p):
                 _prepare_dirs(p)
             if is_root() and not _server_user_can_enter(p.state):  # parents made 0700 under a umask of 077
                 _check_state_root(p.state)
-            _recover_from_crash(p)
+            postmaster.recover_from_crash(p.data, p.socket_dir)
             if not (p.data / "PG_VERSION").exists():
                 _initdb(p, bindir)
             port = _choose_port(p)
@@ -561,7 +434,7 @@ def start() -> ServerInfo:
                 p,
                 start_new_session=True,
             )
-            if res.returncode != 0 or _postmaster(p) is None:
+            if res.returncode != 0 or postmaster.running(p.data) is None:
                 raise WorkbookError(
                     f"The embedded PostgreSQL did not start (data in {p.data}). pg_ctl said: "
                     f"{(res.stderr or res.stdout).strip()[-400:]} -- last lines of {p.log}:\n{_log_tail(p)}"
@@ -579,7 +452,7 @@ def stop() -> bool:
     if not (p.data / "postmaster.pid").exists():
         return False  # never started here (nothing is created), or stopped cleanly
     with _locked(p):
-        if _postmaster(p) is None:
+        if postmaster.running(p.data) is None:
             return False
         res = _run([str(bindir / "pg_ctl"), "stop", "-D", str(p.data), "-m", "fast", "-w", "-t", "60", "-s"], p)
         if res.returncode != 0:

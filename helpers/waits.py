@@ -90,10 +90,10 @@ class _Watcher(threading.Thread):
     def run(self) -> None:
         if self.stop.wait(_GRACE_S):
             return
-        from .database import _libpq_kwargs
+        from .database import libpq_kwargs
 
         try:
-            kwargs = dict(self.target) if isinstance(self.target, dict) else _libpq_kwargs(self.target)
+            kwargs = dict(self.target) if isinstance(self.target, dict) else libpq_kwargs(self.target)
             kwargs["application_name"] = "qo-workbook wait watcher"
             kwargs.setdefault("connect_timeout", 5)
             with psycopg.connect(**kwargs, autocommit=True) as conn:

@@ -9,9 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,8 +23,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", f"embedded: {EMBEDDED_ONLY} (skipped under DATABASE_URL)")
 
 
+SERVER_FIXTURES = {"engine", "scratch_db", "state_dir"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``@pytest.mark.embedded`` skip, with the reason, when DATABASE_URL points elsewhere."""
+    """A unit test may not ask for a server; tests marked ``@pytest.mark.embedded`` skip, with the reason,
+    when DATABASE_URL points elsewhere."""
+    for item in items:
+        if item.get_closest_marker("unit") and SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked unit but uses {sorted(SERVER_FIXTURES & set(item.fixturenames))}: "
+                "the unit lane runs without a database server"
+            )
     if not os.environ.get("DATABASE_URL"):
         return
     skip = pytest.mark.skip(reason=EMBEDDED_ONLY)
@@ -69,21 +77,17 @@ def state_dir():
 
 @pytest.fixture
 def scratch_db(engine):
-    """An empty database of the test's own on the workbook server; dropped afterwards."""
-    from helpers.database import _libpq_kwargs, database_url
+    """An empty database of the test's own on the workbook server (``empty_database``); dropped afterwards."""
+    from helpers import drop_database, empty_database
 
-    base = database_url()
-    names = []
+    made = []
 
     def make(suffix: str) -> str:
-        name = f"{base.database}_t_{suffix}"
-        with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        names.append(name)
-        return name
+        eng = empty_database(f"t_{suffix}")
+        eng.dispose()
+        made.append(f"t_{suffix}")
+        return eng.url.database
 
     yield make
-    with psycopg.connect(**_libpq_kwargs(base.set(database="postgres")), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    for suffix in made:
+        drop_database(suffix)

@@ -8,7 +8,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from helpers import WorkbookError, clone_database, database_name, drop_database
-from helpers.database import _libpq_kwargs, database_url
+from helpers.database import database_url, libpq_kwargs
 
 
 def test_clone_is_a_private_copy(engine):
@@ -30,7 +30,7 @@ def test_clone_is_a_private_copy(engine):
 def test_drop_database_refuses_what_the_workbook_did_not_create(engine):
     base = database_url()
     name = database_name("t_foreign")  # the name this kernel would use, taken by someone else
-    admin = _libpq_kwargs(base.set(database="postgres"))
+    admin = libpq_kwargs(base.set(database="postgres"))
     with psycopg.connect(**admin, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

@@ -9,10 +9,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
-from helpers import Exporter, drop_database, make_engine, server
+from helpers import Exporter, copied_database, drop_database, make_engine, server
 from helpers import monitoring as mon
 from helpers.capability import missing
-from helpers.testdb import copied_database
 
 SUFFIX = f"montest_{os.getpid()}"
 

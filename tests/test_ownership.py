@@ -17,13 +17,13 @@ from sqlalchemy import text
 
 from helpers import drop_lab_schema, lab_schema, make_engine, scratch_name, seed
 from helpers.config import WorkbookError
-from helpers.database import _libpq_kwargs, database_url
+from helpers.database import database_url, libpq_kwargs
 from helpers.models import TABLES
 from helpers.waits import LockWaitTimeout
 
 
 def _connect(db: str, app: str = "qowb-test", autocommit: bool = True) -> psycopg.Connection:
-    kwargs = _libpq_kwargs(database_url().set(database=db))
+    kwargs = libpq_kwargs(database_url().set(database=db))
     kwargs["application_name"] = app
     return psycopg.connect(**kwargs, autocommit=autocommit)
 

@@ -6,8 +6,11 @@ import json
 import re
 
 import nbformat
+import pytest
 
 from helpers.report import build_index, chapter_title, export_html, plot_names, results_topic
+
+pytestmark = pytest.mark.unit  # files only: no server
 
 
 def _nb():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_helpers
 
 from helpers.results import compare_results, ordering
@@ -17,16 +18,19 @@ def _write(folder, topic, conclusions, **data):
     (folder / f"{topic}.json").write_text(json.dumps(payload))
 
 
+@pytest.mark.unit
 def test_ordering_lists_keys_from_smallest_to_largest():
     assert ordering({"joined": 3.0, "lazy": 90.5, "selectin": 2.1}) == ["selectin", "joined", "lazy"]
 
 
+@pytest.mark.unit
 def test_runs_agreeing_on_conclusions_compare_equal_whatever_their_timings(tmp_path):
     _write(tmp_path / "a", "loading", {"fastest": ["selectin", "lazy"], "statements": 2}, median_ms=1.5)
     _write(tmp_path / "b", "loading", {"fastest": ["selectin", "lazy"], "statements": 2}, median_ms=9.0)
     assert compare_results(tmp_path / "a", tmp_path / "b") == []
 
 
+@pytest.mark.unit
 def test_a_flipped_ordering_a_changed_count_and_a_missing_topic_are_caught(tmp_path):
     _write(tmp_path / "a", "loading", {"fastest": ["selectin", "lazy"], "statements": 2})
     _write(tmp_path / "b", "loading", {"fastest": ["lazy", "selectin"], "statements": 3})

@@ -166,6 +166,7 @@ def test_sigterm_stops_the_run_and_drops_its_database(engine, tmp_path):
     assert not _databases(r"%\_t\_runterm\_%")
 
 
+@pytest.mark.unit
 def test_only_throwaway_folders_proven_orphaned_are_removed():
     """A `wb-pool-*` folder goes only with the owner file the demo wrote and its owner dead."""
     import tempfile

@@ -29,6 +29,7 @@ ORDER BY 1, 2
 """
 
 
+@pytest.mark.slow  # seeds three times
 def test_seed_is_byte_identical_and_matches_golden(scratch_db):
     db = scratch_db("seed_det")
     eng = make_engine(database=db)
@@ -138,6 +139,7 @@ def test_reset_drops_only_what_the_workbook_owns(scratch_db):
         eng.dispose()
 
 
+@pytest.mark.slow  # seeds twice
 def test_more_lanes_give_the_same_data(scratch_db):
     """The task graph may run tables and foreign keys in any order: the data must not depend on it."""
     eng = make_engine(database=scratch_db("lanes"))
@@ -192,6 +194,7 @@ def test_a_generator_failing_midway_rolls_its_table_back(scratch_db, monkeypatch
         eng.dispose()
 
 
+@pytest.mark.slow  # the seed and pgbench -i, three runs each
 def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
     from helpers.bench import bench_seed
 
@@ -200,6 +203,13 @@ def test_bench_runs_both_loaders_and_cleans_up(engine, capsys):
     assert out["seed_rows"] > 150_000 and out["pgbench_rows"] == 200_022  # pgbench -i -s 2
     assert out["seed_rows_per_s"] > 0 and out["pgbench_rows_per_s"] > 0 and out["ratio"] > 0
     assert "ratio seed / pgbench" in printed and "time per stage" in printed and "bench_seed_ci.json" in printed
+    # fair: three runs of each, each after a CHECKPOINT and a quiet wait, medians with their spread
+    assert out["rounds"] == 3 and len(out["runs"]["seed"]) == 3 and len(out["runs"]["pgbench"]) == 3
+    for what in ("seed", "pgbench"):
+        low, high = out[f"{what}_s_spread"]
+        assert low <= out[f"{what}_s"] <= high
+        assert all(run["quiet_wait_s"] >= 1.0 for run in out["runs"][what])
+    assert "median of 3" in printed
     with engine.connect() as c:
         left = c.execute(text("SELECT count(*) FROM pg_database WHERE datname LIKE '%bench%'")).scalar()
     assert left == 0

@@ -12,7 +12,9 @@ import psycopg
 import pytest
 from conftest import run_helpers
 
+from helpers import postmaster
 from helpers.capability import missing
+from helpers.processes import proc_stat
 
 
 def _status(env) -> dict:
@@ -130,10 +132,10 @@ def test_bad_database_url_gets_one_paragraph(url, expected):
 
 
 def test_wrong_password_and_missing_database(engine):
-    from helpers.database import _libpq_kwargs, database_url, masked
+    from helpers.database import database_url, libpq_kwargs, masked
 
     good = database_url()
-    probe = _libpq_kwargs(good.set(password="wrong-password"))
+    probe = libpq_kwargs(good.set(password="wrong-password"))
     try:
         psycopg.connect(**probe).close()
         pytest.skip(f"{masked(good)} accepts any password from here (trust in its pg_hba.conf): nothing to refuse")
@@ -260,7 +262,7 @@ def test_a_lock_is_removed_only_when_its_writer_is_gone(tmp_path):
     p.data.mkdir()
     p.socket_dir.mkdir()
     me = os.getpid()
-    started = int(server._proc_stat(me)[2])
+    started = int(proc_stat(me)[2])
     gone = max(int(x) for x in os.listdir("/proc") if x.isdigit()) + 100_000  # no such pid (pid_max 4M)
 
     def lock(port: int, pid: int, start: int, data=p.data):
@@ -273,12 +275,12 @@ def test_a_lock_is_removed_only_when_its_writer_is_gone(tmp_path):
     reused = lock(5002, 1, started)  # pid 1 runs, but was not started when this lock says
     dead = lock(5003, gone, started)
     foreign = lock(5004, gone, started, data=tmp_path / "someone-else")
-    server._recover_from_crash(p)
+    postmaster.recover_from_crash(p.data, p.socket_dir)
     assert live.exists() and (p.socket_dir / ".s.PGSQL.5001").exists(), "a live writer's lock must stay"
     assert not reused.exists() and not dead.exists() and not (p.socket_dir / ".s.PGSQL.5003").exists()
     assert foreign.exists(), "a lock of another data folder is not ours to remove"
 
     (p.data / "postmaster.pid").write_text(f"{me}\n{p.data}\n{started}\n5001\n")
     with pytest.raises(server.WorkbookError, match=f"pid {me}"):
-        server._recover_from_crash(p)
+        postmaster.recover_from_crash(p.data, p.socket_dir)
     assert (p.data / "postmaster.pid").exists()

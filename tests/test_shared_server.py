@@ -9,7 +9,7 @@ import pytest
 from conftest import run_helpers
 from psycopg import sql
 
-from helpers.database import _libpq_kwargs, database_url
+from helpers.database import database_url, libpq_kwargs
 
 ROLE = "wb_test_trainee"
 
@@ -17,7 +17,7 @@ ROLE = "wb_test_trainee"
 @pytest.fixture
 def trainee(engine):
     base = database_url()
-    admin = _libpq_kwargs(base.set(database="postgres"))
+    admin = libpq_kwargs(base.set(database="postgres"))
     db = f"{base.database}_t_trainee"
     pw = secrets.token_urlsafe(12)
     with psycopg.connect(**admin, autocommit=True) as conn:

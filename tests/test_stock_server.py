@@ -19,7 +19,7 @@ from conftest import REPO, run_helpers
 from psycopg import sql
 
 from helpers import capabilities, where
-from helpers.database import _libpq_kwargs, database_url, is_embedded
+from helpers.database import database_url, is_embedded, libpq_kwargs
 
 KINDS = {"createdb": "CREATEDB", "owner": "NOCREATEDB"}
 
@@ -39,7 +39,7 @@ def trainees(engine):
     if not where()["superuser"]:
         pytest.skip("creating the trainee roles needs superuser")
     base = database_url()
-    admin = _libpq_kwargs(base.set(database="postgres"))
+    admin = libpq_kwargs(base.set(database="postgres"))
     tag = secrets.token_hex(3)
     urls, roles = {}, []
     with psycopg.connect(**admin, autocommit=True) as conn:
@@ -135,6 +135,7 @@ def _chapters(url: str, *names: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # runs chapters as other roles
 def test_chapters_skip_cleanly_for_a_role_that_owns_only_its_database(trainees):
     res = _chapters(trainees["owner"], "00_setup_and_seed.ipynb", "08_testing_strategies.ipynb", "09_monitoring.ipynb")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -145,6 +146,7 @@ def test_chapters_skip_cleanly_for_a_role_that_owns_only_its_database(trainees):
     assert "permission denied" not in res.stdout
 
 
+@pytest.mark.slow  # runs chapter 09 as another role
 def test_chapter_09_runs_without_pg_stat_statements_for_a_createdb_role(trainees):
     res = _chapters(trainees["createdb"], "09_monitoring.ipynb")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -21,7 +21,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from helpers import WorkbookError, drop_lab_schema, lab_schema, scratch_suffix
-from helpers.database import _libpq_kwargs, database_url
+from helpers.database import database_url, libpq_kwargs
 from helpers.scratch import drop_leftovers, owner_alive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def _schema_exists(engine, name: str) -> bool:
 
 
 def _admin() -> psycopg.Connection:
-    return psycopg.connect(**_libpq_kwargs(database_url().set(database="postgres")), autocommit=True)
+    return psycopg.connect(**libpq_kwargs(database_url().set(database="postgres")), autocommit=True)
 
 
 def test_two_processes_get_different_suffixes_and_one_process_keeps_its_own():
@@ -212,7 +212,7 @@ def test_leftovers_without_the_stamp_are_never_dropped(engine):
 @pytest.mark.slow
 def test_two_kernels_making_the_shared_template_at_once(engine):
     """``<db>_tpl`` is made once, under an advisory lock: two first clones at the same time both succeed."""
-    from helpers.database import TEMPLATE_SUFFIX, _drop_stamped
+    from helpers.scratchdb import TEMPLATE_SUFFIX, _drop_stamped
 
     with _admin() as admin:
         _drop_stamped(admin, f"{database_url().database}_{TEMPLATE_SUFFIX}")  # both kernels must make it

@@ -9,8 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from .. import models
-from ..config import settings
-from ..seed import SCALES
+from ..config import SCALES, settings
 from . import exercise
 from .ch01a import names, statement_judge
 

@@ -19,8 +19,7 @@ from psycopg import sql
 from sqlalchemy import Engine, text
 
 from ..lockwatch import app_conninfo, observe_steps
-from ..scratch import drop_lab_schema
-from ..seed import lab_schema
+from ..scratch import drop_lab_schema, lab_schema
 from . import exercise
 
 ROWS = 5_000  # rows of the exercise's table: every value filled, every value distinct

@@ -34,7 +34,8 @@ REPORT = "pg_sleep"  # the slow report's text contains it
 def _workload(engine: Engine) -> tuple[int, dict] | tuple[None, dict]:
     """Run the workload in a fresh database of our own; (its oid, its statements: text -> calls / total_ms)."""
     from ..capability import missing
-    from ..database import empty_database, psycopg_conninfo
+    from ..database import psycopg_conninfo
+    from ..scratchdb import empty_database
 
     for need in ("pg_stat_statements", "createdb"):
         if reason := missing(need, engine):
@@ -65,7 +66,7 @@ def _workload(engine: Engine) -> tuple[int, dict] | tuple[None, dict]:
             ).all()
     finally:
         eng.dispose()
-        from ..database import drop_database
+        from ..scratchdb import drop_database
 
         drop_database("ex09_pgss")
     return dbid, {

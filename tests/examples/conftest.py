@@ -15,8 +15,7 @@ import os
 import pytest
 from sqlalchemy.orm import Session
 
-from helpers import drop_database, setup
-from helpers.testdb import schema_database
+from helpers import drop_database, schema_database, setup
 
 from . import example_factories
 
