@@ -51,6 +51,7 @@ _LAZY = {
     "copied_database": "helpers.testdb",
     "bulk": "helpers.bulk",
     "pooling": "helpers.pooling",
+    "poolload": "helpers.poolload",  # chapter 05a's closed-loop load: FairGate, closed_loop, sizing_sweep
     "pgbouncer": "helpers.pgbouncer",
     "latency": "helpers.latency",
     "exercises": "helpers.exercises",
@@ -153,6 +154,7 @@ __all__ = [
     "ddl",
     "pgbouncer",
     "pooling",
+    "poolload",
     "assert_max_queries",
     "blocking",
     "clone_database",

@@ -15,7 +15,6 @@ from sqlalchemy.pool import NullPool
 from helpers import get_engine, make_engine, setup
 from helpers.config import REPO_ROOT, SERVER_USER, is_root
 from helpers.pooling import (
-    _THROWAWAY,
     PoolEventLog,
     connection_budget,
     error_summary,
@@ -25,10 +24,9 @@ from helpers.pooling import (
     parse_metrics,
     pool_metrics,
     pool_status,
-    run_threads,
     terminate_backends,
-    warm,
 )
+from helpers.poolload import run_threads, warm
 
 APP = f"wb_pool_t{os.getpid()}"
 
@@ -182,7 +180,7 @@ def test_throwaway_demo_refuses_a_state_folder_that_is_not_its_own(tmp_path):
         if state is not None:
             env["WORKBOOK_STATE"] = str(state)
         res = subprocess.run(
-            [sys.executable, "-c", _THROWAWAY, "6", "3"],
+            [sys.executable, "-m", "helpers.too_many_clients", "6", "3"],
             env=env,
             cwd=str(REPO_ROOT),
             capture_output=True,
@@ -290,7 +288,7 @@ def test_fair_gate_serves_waiters_in_arrival_order_and_the_releaser_queues_behin
     import threading
     import time
 
-    from helpers.pooling import FairGate
+    from helpers.poolload import FairGate
 
     gate = FairGate(1)
     assert gate.acquire(0)  # the only permit
@@ -319,7 +317,7 @@ def test_fair_gate_serves_waiters_in_arrival_order_and_the_releaser_queues_behin
 
 
 def test_fair_gate_timeout_gives_up_and_leaves_the_line():
-    from helpers.pooling import FairGate
+    from helpers.poolload import FairGate
 
     gate = FairGate(1)
     assert gate.acquire(0)
@@ -330,7 +328,7 @@ def test_fair_gate_timeout_gives_up_and_leaves_the_line():
 
 
 def test_closed_loop_counts_every_task_once_and_the_fair_queue_takes_turns():
-    from helpers.pooling import FairGate, closed_loop
+    from helpers.poolload import FairGate, closed_loop
 
     eng = make_engine(pool_size=1, max_overflow=0, connect_args={"application_name": f"{APP}_loop"})
     try:
@@ -352,7 +350,7 @@ def test_closed_loop_counts_every_task_once_and_the_fair_queue_takes_turns():
 
 
 def test_sizing_sweep_gives_one_row_per_point_and_repeat():
-    from helpers.pooling import sizing_sweep, spread
+    from helpers.poolload import sizing_sweep, spread
 
     df = sizing_sweep([1, 2], [1, 2], duration_s=0.1, service_ms=2, repeats=3, app=f"{APP}_sweep")
     assert len(df) == 2 * 2 * 3 and set(df["repeat"]) == {0, 1, 2} and set(df["queue"]) == {"fair"}
