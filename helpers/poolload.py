@@ -226,17 +226,22 @@ def sizing_sweep(
     fair: bool = True,
     pool_timeout: float = 30,
     app: str = "wb_pool_sweep",
+    progress: str | None = None,
 ) -> pd.DataFrame:
     """``closed_loop`` for every pool_size x workers, ``repeats`` times each, on a warmed pool per size.
 
     Each task is a ``pg_sleep(service_ms)`` on the server, so the shared CPU cores do not decide the result.
     ``fair=True`` puts a ``FairGate`` of ``pool_size`` permits in front of the pool; ``fair=False`` lets the
     threads race for ``QueuePool`` directly. One row per run, with ``repeat`` and ``queue`` columns.
+    ``progress``: a label, to show a progress bar (``tqdm.auto``: a widget in JupyterLab) over the runs.
     """
+    from tqdm.auto import tqdm
+
     from .database import make_engine
 
     stmt = text("SELECT pg_sleep(:s)")
     rows = []
+    bar = tqdm(total=len(pool_sizes) * len(workers) * repeats, desc=progress, unit="run", disable=progress is None)
     for size in pool_sizes:
         engine = make_engine(
             pool_size=size, max_overflow=0, pool_timeout=pool_timeout, connect_args={"application_name": app}
@@ -259,8 +264,10 @@ def sizing_sweep(
                         settle_s=settle,
                     )
                     rows.append({"queue": "fair" if fair else "QueuePool", "pool_size": size, "repeat": rep, **row})
+                    bar.update()
         finally:
             engine.dispose()
+    bar.close()
     return pd.DataFrame(rows)
 
 

@@ -38,7 +38,7 @@ def test_committed_notebooks_carry_no_outputs():
 
 def test_notebooks_are_numbered_and_start_with_setup():
     for nb_path in sorted((REPO / "notebooks").glob("*.ipynb")):
-        assert re.match(r"^\d\d_[a-z0-9_]+\.ipynb$", nb_path.name), nb_path.name
+        assert re.match(r"^\d\d[a-z]?_[a-z0-9_]+\.ipynb$", nb_path.name), nb_path.name  # 05a, 05b: a split chapter
         cells = json.loads(nb_path.read_text())["cells"]
         first_code = next(c for c in cells if c["cell_type"] == "code")
         assert "setup(" in "".join(first_code["source"]), f"{nb_path.name}: the first code cell must call setup()"
