@@ -52,6 +52,7 @@ _LAZY = {
     "bulk": "helpers.bulk",
     "pooling": "helpers.pooling",
     "poolload": "helpers.poolload",  # chapter 05a's closed-loop load: FairGate, closed_loop, sizing_sweep
+    "CommitReplyDropper": "helpers.commit_loss",  # chapter 05b: a proxy that loses the reply to a COMMIT
     "pgbouncer": "helpers.pgbouncer",
     "latency": "helpers.latency",
     "exercises": "helpers.exercises",
@@ -155,6 +156,7 @@ __all__ = [
     "pgbouncer",
     "pooling",
     "poolload",
+    "CommitReplyDropper",
     "assert_max_queries",
     "blocking",
     "clone_database",
