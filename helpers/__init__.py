@@ -75,6 +75,8 @@ _LAZY = {
     "monitoring": "helpers.monitoring",
     "pooling": "helpers.pooling",  # chapter 05 reads its names through the module: pooling.pool_status(...)
     "pgbouncer": "helpers.pgbouncer",
+    "poolload": "helpers.poolload",  # chapter 05a's closed-loop load: FairGate, closed_loop, sizing_sweep
+    "CommitReplyDropper": "helpers.commit_loss",  # chapter 05b: a proxy that loses the reply to a COMMIT
     # chapters 05 and 09 share one Prometheus exporter
     "Exporter": "helpers.exporter",
     "pool_metrics": "helpers.exporter",

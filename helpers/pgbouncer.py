@@ -1,9 +1,11 @@
 """PgBouncer in front of the workbook's server, started and stopped by the workbook.
 
-``pgbouncer_available()`` says whether the ``pgbouncer`` binary is installed (and how to get it
-when not); ``PgBouncer.start(...)`` runs one in the foreground on a free local port with its
-config and auth file in a private temp folder; ``.stop()`` (or leaving ``with PgBouncer.start()``)
-ends it. PgBouncer refuses to run as root, so as root it runs as the server's unprivileged user
+``pgbouncer_available()`` says whether a PgBouncer can be used (and how to get one when not);
+``PgBouncer.start(...)`` runs one in the foreground on a free local port with its config and auth
+file in a private temp folder; ``.stop()`` (or leaving ``with PgBouncer.start()``) ends it.
+``WORKBOOK_PGBOUNCER_URL`` names a PgBouncer that runs already (the ``pgbouncer`` service of
+docker-compose.yml, or any other in front of the workbook database): ``PgBouncer.attach()`` uses it
+and never stops it, and ``start_or_attach(...)`` picks that one when the variable is set. PgBouncer refuses to run as root, so as root it runs as the server's unprivileged user
 ``qowb`` and dies with the Python process that started it (parent-death signal), so a crashed
 notebook leaves nothing listening.
 """
@@ -30,9 +32,12 @@ from .config import SERVER_USER, WorkbookError, is_root
 from .database import database_url
 from .processes import die_with_parent, free_port
 
+URL_VARIABLE = "WORKBOOK_PGBOUNCER_URL"
 INSTALL_HINT = (
-    "PgBouncer is not installed here. Install it with `apt-get install pgbouncer` (Debian/Ubuntu), "
-    "`brew install pgbouncer` (macOS), or run the `pgbouncer` service of docker-compose.yml; "
+    "PgBouncer is not installed here. Install it with `apt-get install pgbouncer` (Debian/Ubuntu) or "
+    "`brew install pgbouncer` (macOS), or point WORKBOOK_PGBOUNCER_URL at a PgBouncer that runs in front of "
+    "the workbook database (e.g. the `pgbouncer` service of docker-compose.yml: "
+    "postgresql://workbook:workbook@127.0.0.1:56432/workbook, with that user in its admin_users); "
     "then re-run this section."
 )
 PREPARED_TRACKING_SINCE = (1, 21)  # max_prepared_statements: protocol-level prepared statements in transaction mode
@@ -55,8 +60,26 @@ def pgbouncer_version(binary: str | None = None) -> tuple[int, int, int] | None:
     return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
 
 
+def pgbouncer_url() -> URL | None:
+    """The PgBouncer named by ``WORKBOOK_PGBOUNCER_URL`` (read from the environment on each call), or None."""
+    from sqlalchemy.engine import make_url
+
+    raw = os.environ.get(URL_VARIABLE, "").strip()
+    if not raw:
+        return None
+    url = make_url(raw)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if not url.username or not url.database:
+        raise WorkbookError(f"{URL_VARIABLE} needs a user and a database: postgresql://user:password@host:port/db")
+    return url
+
+
 def pgbouncer_available() -> tuple[bool, str]:
-    """(installed?, a sentence: the version found, or how to install it)."""
+    """(usable?, a sentence: which PgBouncer, or how to get one)."""
+    url = pgbouncer_url()
+    if url is not None:
+        return True, f"the PgBouncer at {url.host or '127.0.0.1'}:{url.port or 6432} ({URL_VARIABLE})"
     version = pgbouncer_version()
     if version is None:
         return False, INSTALL_HINT
@@ -74,16 +97,51 @@ def _quote(value: str) -> str:
 
 @dataclass
 class PgBouncer:
-    """A running PgBouncer: ``url()`` for clients, ``admin()`` for its console, ``stop()`` to end it."""
+    """A running PgBouncer: ``url()`` for clients, ``admin()`` for its console, ``stop()`` to end it.
 
-    process: subprocess.Popen
+    ``external``: attached through ``WORKBOOK_PGBOUNCER_URL`` (``server`` is then that URL); never stopped here.
+    """
+
+    process: subprocess.Popen | None
     port: int
-    workdir: Path
+    workdir: Path | None
     version: tuple[int, int, int]
     pool_mode: str
     pool_size: int
     server: URL
     settings: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    external: bool = False
+
+    @classmethod
+    def attach(cls, url: URL | None = None) -> PgBouncer:
+        """The PgBouncer at ``url`` (default: ``WORKBOOK_PGBOUNCER_URL``): its version and settings read from its console."""
+        url = url or pgbouncer_url()
+        if url is None:
+            raise WorkbookError(f"{URL_VARIABLE} is not set. {INSTALL_HINT}")
+        bouncer = cls(None, url.port or 6432, None, (0, 0, 0), "", 0, url, host=url.host or "127.0.0.1", external=True)
+        try:
+            config = bouncer.show("CONFIG")
+            banner = str(bouncer.show("VERSION").iloc[0, 0])
+        except psycopg.Error as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise WorkbookError(
+                f"The PgBouncer at {bouncer.host}:{bouncer.port} ({URL_VARIABLE}) does not let {url.username!r} "
+                f"read its console (SHOW CONFIG): add that user to its admin_users. ({first})"
+            ) from None
+        match = re.search(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", banner)
+        if not match:
+            raise WorkbookError(f"Cannot read PgBouncer's version from {banner!r}.")
+        bouncer.version = (int(match.group(1)), int(match.group(2)), int(match.group(3) or 0))
+        bouncer.settings = dict(zip(config["key"], config["value"], strict=True))
+        bouncer.pool_mode = bouncer.settings.get("pool_mode", "")
+        bouncer.pool_size = int(bouncer.settings.get("default_pool_size", 0))
+        return bouncer
+
+    @property
+    def tracks_prepared(self) -> bool:
+        """Whether protocol-level prepared statements survive transaction mode here (1.21+, max_prepared_statements > 0)."""
+        return tracks_prepared_statements(self.version) and int(self.settings.get("max_prepared_statements", 0)) > 0
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -188,7 +246,12 @@ class PgBouncer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop PgBouncer (SIGINT: immediate shutdown, server connections closed) and remove its folder."""
+        """Stop PgBouncer (SIGINT: immediate shutdown, server connections closed) and remove its folder.
+
+        An attached PgBouncer (``external``) is not ours: it is left running.
+        """
+        if self.process is None:
+            return
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
         if self.process.poll() is None:
@@ -202,7 +265,8 @@ class PgBouncer:
 
     @property
     def running(self) -> bool:
-        return self.process.poll() is None
+        """True while the PgBouncer this object started runs (False for an attached one: not ours to run)."""
+        return self.process is not None and self.process.poll() is None
 
     def __enter__(self) -> PgBouncer:
         return self
@@ -214,7 +278,7 @@ class PgBouncer:
     def url(self, database: str | None = None, **query: str) -> URL:
         """SQLAlchemy URL of ``database`` (default: the server's) through this PgBouncer."""
         return self.server.set(
-            host="127.0.0.1",
+            host=self.host,
             port=self.port,
             database=database or self.server.database,
             query={**dict(self.server.query), **query},
@@ -223,7 +287,7 @@ class PgBouncer:
     def conninfo(self, database: str | None = None, **kw) -> dict:
         """Keyword arguments for ``psycopg.connect`` through this PgBouncer."""
         return {
-            "host": "127.0.0.1",
+            "host": self.host,
             "port": self.port,
             "user": self.server.username,
             "password": self.server.password,
@@ -258,7 +322,16 @@ class PgBouncer:
 
     def log_tail(self, n: int = 10) -> str:
         """The last lines of PgBouncer's log."""
+        if self.workdir is None:
+            return "(no log: an attached PgBouncer)"
         try:
             return "\n".join((self.workdir / "pgbouncer.log").read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+def start_or_attach(**start_kw) -> PgBouncer:
+    """The PgBouncer of ``WORKBOOK_PGBOUNCER_URL`` when it is set, else one started here with ``start_kw``."""
+    if pgbouncer_url() is not None:
+        return PgBouncer.attach()
+    return PgBouncer.start(**start_kw)

@@ -1,27 +1,26 @@
-"""Connection pools, measured: status, events, health, workloads, limits (Prometheus: ``helpers.exporter``).
+"""Connection pools, measured: status, events, health, the server's limits, a throwaway server (Prometheus: ``helpers.exporter``).
 
-Everything here reads a SQLAlchemy ``Engine``'s pool or drives it; nothing prints. The
-connection-pooling chapter (``notebooks/05_connection_pooling.ipynb``) shows the code that teaches;
-this module holds the harness around it.
+Everything here reads a SQLAlchemy ``Engine``'s pool or the server's connection limits; nothing
+prints. The connection-pooling chapters (``notebooks/05a_pool_basics_and_sizing.ipynb``,
+``notebooks/05b_pools_in_production.ipynb``) show the code that teaches; this module holds the
+instruments around it. The closed-loop load of the sizing lab is ``helpers.poolload``; the child
+process that fills a throwaway server is ``helpers.too_many_clients`` (``python -m``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -32,6 +31,7 @@ from sqlalchemy import Engine, event, text
 from .config import REPO_ROOT, WorkbookError
 from .database import database_url, psycopg_conninfo
 from .processes import alive, die_with_parent
+from .too_many_clients import THROWAWAY_PREFIX  # the child refuses any other folder
 
 ROLE_PREFIX = "wb_pool_limited_"
 
@@ -164,256 +164,6 @@ class PoolEventLog:
 # helpers/exporter.py, the one exporter chapters 05 and 09 share.
 
 
-# ----------------------------------------------------------------------------- workloads
-def run_threads(engine: Engine, *, workers: int, tasks: int, stmt, params: dict | None = None) -> dict:
-    """Closed loop: ``workers`` threads run ``tasks`` statements in total, each on a connection checked out for it.
-
-    Latency counts from asking the pool to the result; ``wait_ms`` is the part spent waiting for the pool,
-    ``held_ms`` the part holding a connection. Returns throughput and latencies.
-    """
-    latencies: list[float] = []
-    held: list[float] = []
-    ticket = itertools.count()
-
-    def worker():
-        while next(ticket) < tasks:
-            t0 = time.perf_counter()
-            with engine.connect() as conn:
-                t1 = time.perf_counter()
-                conn.execute(stmt, params or {}).all()
-            t2 = time.perf_counter()
-            latencies.append(t2 - t0)
-            held.append(t2 - t1)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wb_pool") as ex:
-        for fut in [ex.submit(worker) for _ in range(workers)]:
-            fut.result()
-    out = summarize_latencies(latencies, time.perf_counter() - t0, workers=workers)
-    out["held_ms"] = statistics.fmean(held) * 1000
-    out["wait_ms"] = out["mean_ms"] - out["held_ms"]
-    return out
-
-
-def summarize_latencies(latencies: list[float], wall_s: float, **labels) -> dict:
-    """Throughput (per s), mean / p50 / p95 latency (ms) of one run."""
-    q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
-    return {
-        **labels,
-        "tasks": len(latencies),
-        "wall_s": wall_s,
-        "throughput_per_s": len(latencies) / wall_s,
-        "mean_ms": statistics.fmean(latencies) * 1000,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p95_ms": q[18] * 1000,
-    }
-
-
-def warm(engine: Engine, n: int) -> None:
-    """Open ``n`` pooled connections at once so the first measured checkouts do not pay for connecting."""
-    with contextlib.ExitStack() as stack:
-        for _ in range(n):
-            stack.enter_context(engine.connect()).execute(text("SELECT 1"))
-
-
-class FairGate:
-    """A FIFO queue of ``permits`` in front of a pool: requests are served strictly in arrival order.
-
-    ``QueuePool`` is not fair: a thread that returns a connection and asks again at once takes it back
-    before a waiting thread wakes up, so with more threads than connections one thread can do nearly
-    all the work while the others starve. Here ``release`` hands its permit straight to the oldest
-    waiter (its own ``Event``), so the releasing thread queues behind everybody else. With
-    ``permits = pool_size`` the pool itself never makes anyone wait.
-    """
-
-    def __init__(self, permits: int):
-        self._free = permits
-        self._waiters: deque[threading.Event] = deque()
-        self._lock = threading.Lock()
-
-    def acquire(self, timeout: float | None = None) -> bool:
-        with self._lock:
-            if self._free > 0 and not self._waiters:
-                self._free -= 1
-                return True
-            me = threading.Event()
-            self._waiters.append(me)
-        if me.wait(timeout):
-            return True
-        with self._lock:
-            if me.is_set():  # handed over between the timeout and the lock: keep it
-                return True
-            self._waiters.remove(me)
-            return False
-
-    def release(self) -> None:
-        with self._lock:
-            if self._waiters:
-                self._waiters.popleft().set()  # the permit goes to the oldest waiter, not back to the pool
-            else:
-                self._free += 1
-
-
-class GateTimeout(Exception):
-    """A request waited ``pool_timeout`` for the fair gate (what ``QueuePool`` raises as ``TimeoutError``)."""
-
-
-def closed_loop(
-    engine: Engine,
-    *,
-    workers: int,
-    duration_s: float,
-    stmt,
-    params: dict | None = None,
-    gate: FairGate | None = None,
-    pool_timeout: float | None = None,
-    settle_s: float = 0.05,
-) -> dict:
-    """``workers`` threads each send one statement after another for a fixed time; measured in a window.
-
-    The window is ``duration_s`` long and opens ``settle_s`` after every thread started; the threads go on
-    until it closes, so there is no drain at the end. Figures:
-
-    - ``tasks``, ``per_worker``, ``throughput_per_s``, ``mean_ms``, ``held_ms``: the tasks that *ended* in
-      the window (latency = from asking for a connection to the result; held = holding the connection);
-    - ``p50_ms``, ``p95_ms``, ``max_ms``: every request that was in the system during the window, at its
-      full latency: a request starved for the whole run counts, however few tasks the others completed;
-    - ``in_system``: requests in the system (waiting for or holding a connection), averaged over the window,
-      measured directly; ``littles_L`` = throughput x mean latency, what Little's law says it should be;
-    - ``busy_connections``: connections checked out, averaged over the window (never above ``pool_size``);
-      ``busy_x_held`` = throughput x mean held time, the same law for the pool alone;
-    - ``timed_out``: requests that waited ``pool_timeout`` and failed (``gate``: a ``FairGate`` in front of
-      the pool; without one the engine's own ``pool_timeout`` applies).
-    """
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
-
-    done: list[list[tuple[float, float, float]]] = [[] for _ in range(workers)]  # (asked, got, finished)
-    failed: list[tuple[float, float]] = []  # (asked, gave up)
-    ready = threading.Barrier(workers + 1, timeout=30)
-    window: list[float] = []
-
-    def worker(i: int) -> None:
-        ready.wait()
-        end = window[1]
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            try:
-                if gate is not None and not gate.acquire(pool_timeout):
-                    raise GateTimeout
-                try:
-                    with engine.connect() as conn:
-                        t1 = time.perf_counter()
-                        conn.execute(stmt, params or {}).all()
-                finally:
-                    if gate is not None:
-                        gate.release()
-                done[i].append((t0, t1, time.perf_counter()))
-            except (GateTimeout, PoolTimeout):
-                failed.append((t0, time.perf_counter()))
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wb_pool_loop") as ex:
-        futures = [ex.submit(worker, i) for i in range(workers)]
-        t = time.perf_counter()
-        window.extend([t + settle_s, t + settle_s + duration_s])
-        ready.wait()
-        for fut in futures:
-            fut.result(timeout=120)
-    a, b = window
-    inside = [[(t0, t1, t2) for t0, t1, t2 in per if a <= t2 < b] for per in done]
-    tasks = [x for per in inside for x in per]
-    every = [x for per in done for x in per]
-    lat = [t2 - t0 for t0, _, t2 in tasks]
-    held = [t2 - t1 for _, t1, t2 in tasks]
-    present = sorted(t2 - t0 for t0, _, t2 in every if t0 < b and t2 >= a)
-    pct = statistics.quantiles(present, n=100, method="inclusive") if len(present) >= 2 else present * 99
-
-    def clipped(spans) -> float:  # seconds of the spans that fall inside the window
-        return sum(max(0.0, min(e, b) - max(s, a)) for s, e in spans)
-
-    overlap = clipped([(x[0], x[2]) for x in every] + failed)
-    holding = clipped([(x[1], x[2]) for x in every])
-    waiting_at_end = [b - t0 for t0, t1, _ in every if t0 < b <= t1] + [b - t0 for t0, e in failed if t0 < b <= e]
-    n = len(tasks)
-    per_worker = [len(per) for per in inside]
-    out = {
-        "workers": workers,
-        "tasks": n,
-        "per_worker": per_worker,
-        "busiest_share": max(per_worker) / n if n else float("nan"),
-        "timed_out": sum(a <= e < b for _, e in failed),
-        "waiting_at_end": len(waiting_at_end),
-        "longest_wait_at_end_ms": max(waiting_at_end, default=0.0) * 1000,
-        "throughput_per_s": n / duration_s,
-        "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"),
-        "p50_ms": pct[49] * 1000 if pct else float("nan"),
-        "p95_ms": pct[94] * 1000 if pct else float("nan"),
-        "max_ms": present[-1] * 1000 if present else float("nan"),
-        "held_ms": statistics.fmean(held) * 1000 if held else float("nan"),
-        "in_system": overlap / duration_s,
-        "busy_connections": holding / duration_s,
-    }
-    out["wait_ms"] = out["mean_ms"] - out["held_ms"]
-    # Little's law, L = lambda x W: requests in the system = throughput x time each spends in it
-    out["littles_L"] = out["throughput_per_s"] * out["mean_ms"] / 1000
-    out["busy_x_held"] = out["throughput_per_s"] * out["held_ms"] / 1000  # the law for the pool alone
-    out["waiting_for_pool"] = out["throughput_per_s"] * out["wait_ms"] / 1000
-    return out
-
-
-def sizing_sweep(
-    pool_sizes,
-    workers,
-    *,
-    duration_s: float,
-    service_ms: float,
-    repeats: int = 3,
-    fair: bool = True,
-    pool_timeout: float = 30,
-    app: str = "wb_pool_sweep",
-) -> pd.DataFrame:
-    """``closed_loop`` for every pool_size x workers, ``repeats`` times each, on a warmed pool per size.
-
-    Each task is a ``pg_sleep(service_ms)`` on the server, so the shared CPU cores do not decide the result.
-    ``fair=True`` puts a ``FairGate`` of ``pool_size`` permits in front of the pool; ``fair=False`` lets the
-    threads race for ``QueuePool`` directly. One row per run, with ``repeat`` and ``queue`` columns.
-    """
-    from .database import make_engine
-
-    stmt = text("SELECT pg_sleep(:s)")
-    rows = []
-    for size in pool_sizes:
-        engine = make_engine(
-            pool_size=size, max_overflow=0, pool_timeout=pool_timeout, connect_args={"application_name": app}
-        )
-        try:
-            warm(engine, size)
-            for w in workers:
-                for rep in range(repeats):
-                    gate = FairGate(size) if fair else None
-                    # settle one full turn of the queue (every waiting worker served once) before measuring
-                    settle = max(0.05, 1.5 * w / size * service_ms / 1000)
-                    row = closed_loop(
-                        engine,
-                        workers=w,
-                        duration_s=duration_s,
-                        stmt=stmt,
-                        params={"s": service_ms / 1000},
-                        gate=gate,
-                        pool_timeout=pool_timeout,
-                        settle_s=settle,
-                    )
-                    rows.append({"queue": "fair" if fair else "QueuePool", "pool_size": size, "repeat": rep, **row})
-        finally:
-            engine.dispose()
-    return pd.DataFrame(rows)
-
-
-def spread(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
-    """Median, min and max of ``value`` over the repeats of each ``by`` group (for error bars)."""
-    g = df.groupby(by, sort=False)[value]
-    return pd.DataFrame({"median": g.median(), "min": g.min(), "max": g.max()}).reset_index()
-
-
 # ----------------------------------------------------------------------------- server limits
 def connection_budget(engine: Engine) -> dict:
     """max_connections, the reserved slots, connections in use now, and what is left for non-superusers."""
@@ -479,55 +229,6 @@ def limited_role(limit: int = 2):
 
 
 # ----------------------------------------------------------------------------- a throwaway server of our own
-_THROWAWAY = r"""
-import json, os, pathlib, shutil, signal, sys
-import psycopg
-from helpers import server
-from helpers.config import WorkbookError
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-OWN = os.environ.get("WORKBOOK_STATE", "")
-if not os.path.basename(OWN).startswith("wb-pool-") or server.state_root() != pathlib.Path(OWN):
-    sys.exit("refusing to run: WORKBOOK_STATE is not a throwaway folder of this demo")
-out = {}
-try:
-    info = server.start()
-    pw = server.password()
-    su = dict(host="127.0.0.1", port=info.port, user=server.SUPERUSER, password=pw, dbname="postgres", connect_timeout=5)
-    with psycopg.connect(**su, autocommit=True) as c:
-        c.execute("ALTER SYSTEM SET max_connections = %d" % int(sys.argv[1]))
-        c.execute("ALTER SYSTEM SET superuser_reserved_connections = %d" % int(sys.argv[2]))
-        c.execute("ALTER SYSTEM SET shared_buffers = '16MB'")
-        c.execute("CREATE ROLE wb_pool_app LOGIN PASSWORD 'app'")
-    server.stop()
-    info = server.start()
-    su["port"] = info.port  # the restart may have moved the server to another port
-    app = dict(su, user="wb_pool_app", password="app")
-    held, events = [], []
-    for who, kw in (("application role", app), ("superuser", su)):
-        while len(held) < 50:
-            try:
-                held.append(psycopg.connect(**kw, autocommit=True))
-            except psycopg.OperationalError as exc:
-                events.append({"who": who, "opened_before_error": len(held),
-                               "message": str(exc).strip().rsplit("FATAL:", 1)[-1].strip()})
-                break
-    with held[0].cursor() as cur:
-        cur.execute("SHOW max_connections"); mc = int(cur.fetchone()[0])
-        cur.execute("SHOW superuser_reserved_connections"); sr = int(cur.fetchone()[0])
-        cur.execute("SHOW server_version"); ver = cur.fetchone()[0]
-    for h in held:
-        h.close()
-    out = {"max_connections": mc, "superuser_reserved_connections": sr, "server_version": ver, "events": events}
-finally:
-    try:
-        server.stop()
-        shutil.rmtree(OWN, ignore_errors=True)
-    except WorkbookError as exc:
-        out["stop_error"] = str(exc)
-print(json.dumps(out))
-"""
-
-
 class TooManyClients:
     """The throwaway-server demo running in the background: ``.result()`` waits for it (bounded)."""
 
@@ -542,7 +243,7 @@ class TooManyClients:
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.env, self.timeout_s, self.t0 = env, timeout_s, time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _THROWAWAY, str(max_connections), str(superuser_reserved)],
+            [sys.executable, "-m", "helpers.too_many_clients", str(max_connections), str(superuser_reserved)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -601,7 +302,6 @@ def _stop_leftover(state: str, env: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- leftovers of a dead kernel
-THROWAWAY_PREFIX = "wb-pool-"
 OWNER_FILE = "owner.json"
 _OWNER_MARK = "qo-workbook throwaway server"
 

@@ -16,17 +16,15 @@ from helpers import get_engine, make_engine, setup
 from helpers.config import REPO_ROOT, SERVER_USER, is_root
 from helpers.exporter import metrics_text, parse_metrics, pool_metrics
 from helpers.pooling import (
-    _THROWAWAY,
     PoolEventLog,
     connection_budget,
     error_summary,
     health_check,
     limited_role,
     pool_status,
-    run_threads,
     terminate_backends,
-    warm,
 )
+from helpers.poolload import run_threads, warm
 
 APP = f"wb_pool_t{os.getpid()}"
 
@@ -180,7 +178,7 @@ def test_throwaway_demo_refuses_a_state_folder_that_is_not_its_own(tmp_path):
         if state is not None:
             env["WORKBOOK_STATE"] = str(state)
         res = subprocess.run(
-            [sys.executable, "-c", _THROWAWAY, "6", "3"],
+            [sys.executable, "-m", "helpers.too_many_clients", "6", "3"],
             env=env,
             cwd=str(REPO_ROOT),
             capture_output=True,
@@ -195,6 +193,7 @@ def test_pgbouncer_missing_says_how_to_install(monkeypatch):
     from helpers import pgbouncer
 
     monkeypatch.setattr(pgbouncer, "pgbouncer_binary", lambda: None)
+    monkeypatch.delenv(pgbouncer.URL_VARIABLE, raising=False)
     ok, how = pgbouncer.pgbouncer_available()
     assert not ok and "apt-get install pgbouncer" in how
     with pytest.raises(pgbouncer.WorkbookError, match="not installed"):
@@ -211,6 +210,25 @@ def bouncer(engine):
     b = PgBouncer.start(pool_size=2)
     yield b
     b.stop()
+
+
+def test_pgbouncer_url_attaches_to_a_running_one_and_never_stops_it(bouncer, monkeypatch):
+    from helpers import pgbouncer
+
+    url = bouncer.url().set(drivername="postgresql").render_as_string(hide_password=False)
+    monkeypatch.setenv(pgbouncer.URL_VARIABLE, url)
+    ok, how = pgbouncer.pgbouncer_available()
+    assert ok and pgbouncer.URL_VARIABLE in how
+    attached = pgbouncer.start_or_attach(pool_size=5)  # the variable wins: nothing is started
+    assert attached.external and attached.process is None and attached.port == bouncer.port
+    assert (attached.version, attached.pool_mode, attached.pool_size) == (bouncer.version, "transaction", 2)
+    assert attached.tracks_prepared == bouncer.tracks_prepared
+    with psycopg.connect(**attached.conninfo(), autocommit=True) as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    attached.stop()  # not ours: still serving
+    assert bouncer.running and not attached.running
+    with psycopg.connect(**bouncer.conninfo(), autocommit=True) as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
 
 
 def test_pgbouncer_runs_unprivileged_and_multiplexes(bouncer):
@@ -288,7 +306,7 @@ def test_fair_gate_serves_waiters_in_arrival_order_and_the_releaser_queues_behin
     import threading
     import time
 
-    from helpers.pooling import FairGate
+    from helpers.poolload import FairGate
 
     gate = FairGate(1)
     assert gate.acquire(0)  # the only permit
@@ -317,7 +335,7 @@ def test_fair_gate_serves_waiters_in_arrival_order_and_the_releaser_queues_behin
 
 
 def test_fair_gate_timeout_gives_up_and_leaves_the_line():
-    from helpers.pooling import FairGate
+    from helpers.poolload import FairGate
 
     gate = FairGate(1)
     assert gate.acquire(0)
@@ -328,7 +346,7 @@ def test_fair_gate_timeout_gives_up_and_leaves_the_line():
 
 
 def test_closed_loop_counts_every_task_once_and_the_fair_queue_takes_turns():
-    from helpers.pooling import FairGate, closed_loop
+    from helpers.poolload import FairGate, closed_loop
 
     eng = make_engine(pool_size=1, max_overflow=0, connect_args={"application_name": f"{APP}_loop"})
     try:
@@ -350,9 +368,33 @@ def test_closed_loop_counts_every_task_once_and_the_fair_queue_takes_turns():
 
 
 def test_sizing_sweep_gives_one_row_per_point_and_repeat():
-    from helpers.pooling import sizing_sweep, spread
+    from helpers.poolload import sizing_sweep, spread
 
     df = sizing_sweep([1, 2], [1, 2], duration_s=0.1, service_ms=2, repeats=3, app=f"{APP}_sweep")
     assert len(df) == 2 * 2 * 3 and set(df["repeat"]) == {0, 1, 2} and set(df["queue"]) == {"fair"}
     s = spread(df, ["pool_size", "workers"], "throughput_per_s")
     assert len(s) == 4 and (s["min"] <= s["median"]).all() and (s["median"] <= s["max"]).all()
+
+
+# ----------------------------------------------------------------------------- a lost reply to COMMIT (chapter 05b, section 2)
+def test_commit_reply_dropper_loses_the_reply_but_not_the_commit(engine):
+    from helpers import CommitReplyDropper
+
+    app = f"{APP}_proxy"
+    with CommitReplyDropper(engine.url.host, engine.url.port) as proxy:
+        via = create_engine(proxy.url(engine.url), pool_size=1, connect_args={"application_name": app})
+        try:
+            with via.begin() as conn:  # passes untouched while not armed
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1
+            proxy.arm()
+            with pytest.raises(exc.OperationalError) as info:
+                with via.begin() as conn:
+                    committed_in = conn.execute(text("SELECT pg_current_xact_id()::text")).scalar_one()
+            assert info.value.connection_invalidated and proxy.dropped == 1
+            with via.begin() as conn:  # disarmed after one: the next transaction goes through
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        finally:
+            via.dispose()
+    with engine.connect() as conn:
+        status = conn.execute(text("SELECT pg_xact_status(CAST(:x AS xid8))"), {"x": committed_in}).scalar_one()
+    assert status == "committed"  # the server kept what the client never heard about
