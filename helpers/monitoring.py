@@ -1,7 +1,6 @@
 """Watching database work in production: slow-query logging, per-request metrics, pg_stat_* readers.
 
-* ``SlowQueryLog``: ``before_cursor_execute`` / ``after_cursor_execute`` timing with a threshold,
-  done right (a per-connection stack in ``conn.info``, cleaned up on errors too).
+* The slow-query log done right is chapter 09's own code, in its cells (tagged ``lesson-slow-query-log``).
 * ``DoubleExecutingTimer``: the widely copied broken variant that calls ``cursor.execute`` inside
   ``before_cursor_execute`` so every statement runs twice; kept to measure the damage.
 * ``QueryMetricsMiddleware``: per-request statement count and database time for any WSGI app,
@@ -31,68 +30,6 @@ from sqlalchemy.orm import Session, selectinload
 from . import models
 
 LOG = logging.getLogger("helpers.monitoring")
-
-
-# ----------------------------------------------------------------------------- slow-query log
-@dataclass
-class SlowQuery:
-    sql: str
-    parameters: object
-    duration_s: float
-
-
-@dataclass
-class SlowQueryLog:
-    """Times every statement with before/after_cursor_execute; keeps (and logs) those above ``threshold_s``."""
-
-    engine: Engine
-    threshold_s: float
-    logger: logging.Logger = LOG
-    seen: int = 0
-    slow: list[SlowQuery] = field(default_factory=list)
-
-    _KEY = "wb_query_start"
-
-    def _before(self, conn, cursor, statement, parameters, context, executemany):
-        conn.info.setdefault(self._KEY, []).append(time.perf_counter())
-
-    def _after(self, conn, cursor, statement, parameters, context, executemany):
-        elapsed = time.perf_counter() - conn.info[self._KEY].pop()
-        self.seen += 1
-        if elapsed >= self.threshold_s:
-            self.slow.append(SlowQuery(statement, parameters, elapsed))
-            self.logger.warning("slow query (%.1f ms): %s", elapsed * 1e3, " ".join(statement.split())[:200])
-
-    def _error(self, ctx):
-        # after_cursor_execute is not called when the statement fails: drop its start time
-        if ctx.connection is not None:
-            stack = ctx.connection.info.get(self._KEY)
-            if stack:
-                stack.pop()
-
-    def install(self) -> SlowQueryLog:
-        event.listen(self.engine, "before_cursor_execute", self._before)
-        event.listen(self.engine, "after_cursor_execute", self._after)
-        event.listen(self.engine, "handle_error", self._error)
-        return self
-
-    def remove(self) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._before)
-        event.remove(self.engine, "after_cursor_execute", self._after)
-        event.remove(self.engine, "handle_error", self._error)
-
-    def __enter__(self) -> SlowQueryLog:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    @property
-    def df(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            [{"duration_ms": q.duration_s * 1e3, "sql": " ".join(q.sql.split())[:120]} for q in self.slow],
-            columns=["duration_ms", "sql"],
-        )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import psycopg
+from psycopg import sql
 from sqlalchemy.engine import URL
 
 from .config import SERVER_USER, WorkbookError, is_root
@@ -305,7 +306,7 @@ class PgBouncer:
         if not re.fullmatch(r"[A-Za-z_]+", what):
             raise ValueError(f"not a SHOW command of PgBouncer: {what!r}")
         with self.admin() as conn, conn.cursor() as cur:
-            cur.execute(f"SHOW {what.upper()}")
+            cur.execute(sql.SQL("SHOW {}").format(sql.SQL(what.upper())))  # a keyword checked above, not a value
             cols = [d.name for d in cur.description]
             return pd.DataFrame(cur.fetchall(), columns=cols)
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from .. import models
 from ..counting import count_queries
-from . import exercise
+from .registry import exercise
 
 User, Post = models.User, models.Post
 

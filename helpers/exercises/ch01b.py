@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from .. import models
 from ..config import SCALES, settings
-from . import exercise
 from .ch01a import names, statement_judge
+from .registry import exercise
 
 User, Post = models.User, models.Post
 

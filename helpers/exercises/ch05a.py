@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from .. import models
 from ..scratch import scratch_suffix
-from . import exercise
+from .registry import exercise
 
 #: (statements per second, ms each statement holds its connection): 8 and 4.5 connections busy on average
 RATE_CASES = ((200, 40), (30, 150))

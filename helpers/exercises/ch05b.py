@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine, exc, text
 from ..pooling import error_summary, terminate_backends
 from ..poolload import warm
 from ..scratch import scratch_suffix
-from . import exercise
+from .registry import exercise
 
 SLEEP_S = 1  # exercise 2: the slow report's pg_sleep; its timeout is TIMEOUT
 TIMEOUT = "100ms"

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 
 from ..lockwatch import app_conninfo, observe_steps
 from ..scratch import drop_lab_schema, lab_schema
-from . import exercise
+from .registry import exercise
 
 ROWS = 5_000  # rows of the exercise's table: every value filled, every value distinct
 

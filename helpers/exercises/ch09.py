@@ -22,7 +22,7 @@ from __future__ import annotations
 import psycopg
 from sqlalchemy import Engine, text
 
-from . import exercise
+from .registry import exercise
 
 PAGE = 30  # posts per page: one lookup per post's author
 PAGES = 2
