@@ -322,13 +322,13 @@ def _observe_concurrent(engine: Engine, name: str, statement, shown, schema: str
 def ddl_table(
     engine: Engine, names=None, schema: str = "wb_migrations", lock_timeout: str = "200ms", progress: bool = False
 ) -> pd.DataFrame:
-    """observe_ddl for every case (or ``names``): one row per DDL statement (``progress``: a tqdm bar)."""
-    from tqdm.auto import tqdm
+    """observe_ddl for every case (or ``names``): one row per DDL statement (``progress``: a progress bar)."""
+    from .progressbar import progress as bar
 
     probes = {k: psycopg.connect(**app_conninfo(engine, APP + "_probe")) for k in ("read", "write", "write_ref")}
     try:
         todo = list(names or DDL_CASES)
-        steps = tqdm(todo, desc="DDL statements measured", unit="statement", disable=not progress)
+        steps = bar(todo, desc="DDL statements measured", unit="statement", disable=not progress)
         rows = [observe_ddl(engine, n, schema, lock_timeout, probes=probes) for n in steps]
     finally:
         for conn in probes.values():

@@ -233,15 +233,16 @@ def sizing_sweep(
     Each task is a ``pg_sleep(service_ms)`` on the server, so the shared CPU cores do not decide the result.
     ``fair=True`` puts a ``FairGate`` of ``pool_size`` permits in front of the pool; ``fair=False`` lets the
     threads race for ``QueuePool`` directly. One row per run, with ``repeat`` and ``queue`` columns.
-    ``progress``: a label, to show a progress bar (``tqdm.auto``: a widget in JupyterLab) over the runs.
+    ``progress``: a label, to show a progress bar (``helpers.progress``: a widget in JupyterLab) over the runs.
     """
-    from tqdm.auto import tqdm
-
     from .database import make_engine
+    from .progressbar import progress as progress_bar
 
     stmt = text("SELECT pg_sleep(:s)")
     rows = []
-    bar = tqdm(total=len(pool_sizes) * len(workers) * repeats, desc=progress, unit="run", disable=progress is None)
+    bar = progress_bar(
+        total=len(pool_sizes) * len(workers) * repeats, desc=progress or "", unit="run", disable=progress is None
+    )
     for size in pool_sizes:
         engine = make_engine(
             pool_size=size, max_overflow=0, pool_timeout=pool_timeout, connect_args={"application_name": app}

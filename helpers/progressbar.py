@@ -25,8 +25,8 @@ def headless() -> bool:
 class _Line:
     """tqdm's small interface (iterate, ``update``, ``close``, ``with``), printing one line at the end."""
 
-    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str) -> None:
-        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str, quiet: bool = False) -> None:
+        self.iterable, self.total, self.desc, self.unit, self.quiet = iterable, total, desc, unit, quiet
         self.n, self._t0, self._closed = 0, time.perf_counter(), False
 
     def __iter__(self):
@@ -47,6 +47,8 @@ class _Line:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self.quiet:
+                return
             unit = self.unit if self.n == 1 else f"{self.unit}s"
             print(f"{self.desc}: {self.n:,} {unit} in {time.perf_counter() - self._t0:.1f} s")
 
@@ -57,8 +59,20 @@ class _Line:
         self.close()
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
-    """A progress bar (JupyterLab) or one closing line (headless runs) over ``iterable`` or ``total`` steps."""
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool = False,
+):
+    """A progress bar (JupyterLab) or one closing line (headless runs) over ``iterable`` or ``total`` steps.
+
+    ``disable=True``: neither (a helper whose caller asked for no progress).
+    """
+    if disable:
+        return _Line(iterable, total, desc, unit, quiet=True)
     if headless():
         return _Line(iterable, total, desc, unit)
     from tqdm.auto import tqdm

@@ -480,12 +480,12 @@ def row_counts(engine: Engine):
 
 def checksum(engine: Engine, *, progress: bool = False) -> dict[str, str]:
     """md5 of every seeded table's contents in primary-key order (the determinism proof); ``progress``: a bar."""
-    from tqdm.auto import tqdm
+    from .progressbar import progress as bar
 
     out = {}
     with engine.connect() as conn:
         conn.execute(text("SET TimeZone = 'UTC'"))
-        for t in tqdm(models.Base.metadata.sorted_tables, desc="checksums", unit="table", disable=not progress):
+        for t in bar(models.Base.metadata.sorted_tables, desc="checksums", unit="table", disable=not progress):
             order = sql.SQL(", ").join(sql.Identifier("x", c.name) for c in t.primary_key.columns)
             query = sql.SQL("SELECT md5(string_agg(md5(x::text), '' ORDER BY {})) FROM {} x").format(
                 order, sql.Identifier(t.name)
