@@ -107,7 +107,8 @@ def _try_scalar(conn, sql: str):
 
 
 def where() -> dict:
-    """Where the workbook database is: kind, masked URL, server version, scale and seed state."""
+    """Where the workbook database is: kind, masked URL, server version, the server's settings that differ
+    from PostgreSQL's defaults (``settings``: what plans and timings depend on), scale and seed state."""
     from sqlalchemy import text
 
     from .database import database_url, get_engine, is_embedded, masked
@@ -120,6 +121,7 @@ def where() -> dict:
         extensions = sorted(r[0] for r in conn.execute(text("SELECT extname FROM pg_extension")))
         preload = _try_scalar(conn, "SHOW shared_preload_libraries")  # needs pg_read_all_settings
         pgss = _try_scalar(conn, "SELECT count(*) >= 0 FROM pg_stat_statements") is True
+        changed = dict(conn.execute(_changed_settings_query()).all())
     info = seeded_info(engine) or {}
     return {
         "kind": "embedded" if is_embedded() else "DATABASE_URL",
@@ -129,9 +131,25 @@ def where() -> dict:
         "extensions": extensions,
         "shared_preload_libraries": preload,
         "pg_stat_statements": pgss,
+        "settings": changed,
         "scale": info.get("scale"),
         "seed": info.get("seed"),
     }
+
+
+# The server's settings that differ from PostgreSQL's built-in defaults, as the server shows them
+# ("256MB"), leaving out where it listens, its log and locale, which change no lesson.
+def _changed_settings_query():
+    from sqlalchemy import text
+
+    return text(
+        "SELECT name, current_setting(name) FROM pg_settings"
+        " WHERE source NOT IN ('default', 'override', 'client', 'session')"
+        " AND setting IS DISTINCT FROM boot_val"
+        " AND name NOT IN ('port', 'listen_addresses', 'unix_socket_directories', 'logging_collector',"
+        " 'dynamic_shared_memory_type', 'default_text_search_config', 'DateStyle', 'application_name')"
+        " AND name NOT LIKE 'log%' AND name NOT LIKE 'lc%' ORDER BY name"
+    )
 
 
 def setup(scale: str | None = None, *, quiet: bool = False):

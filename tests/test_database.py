@@ -44,3 +44,16 @@ def test_drop_database_refuses_what_the_workbook_did_not_create(engine):
     finally:
         with psycopg.connect(**admin, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.mark.embedded
+def test_where_shows_the_servers_changed_settings_and_the_readme_lists_each(engine):
+    from pathlib import Path
+
+    from helpers import where
+
+    changed = where()["settings"]
+    assert changed["shared_buffers"] == "256MB" and changed["work_mem"] == "16MB"  # chapter 02's plans depend on them
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    unlisted = [name for name in changed if f"`{name.lower()} = " not in readme.lower()]
+    assert not unlisted, f"where() shows settings the README does not list: {unlisted}"
