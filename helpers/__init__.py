@@ -40,7 +40,8 @@ _LAZY = {
     "server": "helpers.server",
     "explain": "helpers.plans",
     "compare": "helpers.plans",
-    "Scenario": "helpers.sessions",
+    "Scenario": "helpers.scenario",
+    "ISOLATION_LEVELS": "helpers.scenario",  # PostgreSQL's four levels, weakest first: the one definition
     "locks": "helpers.locks",
     "blocking": "helpers.locks",
     "retry": "helpers.retrying",  # module named apart from the function it exports
@@ -175,6 +176,7 @@ __all__ = [
     "ordering",
     "retry",
     "Scenario",
+    "ISOLATION_LEVELS",
     "settings",
     "setup",
     "socket_url",

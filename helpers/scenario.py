@@ -1,52 +1,61 @@
 """Several database sessions stepped through a scripted interleaving: the ``Scenario`` scheduler.
 
-The contract (shared by chapters 03, 04, 06 and 08)::
+A scenario is written as PostgreSQL's isolation tester and Hermitage write theirs: setup, sessions,
+steps, and the order the steps are issued. The shortest form is an ordered script, one step a line,
+so the line order *is* the permutation::
 
     from helpers import Scenario
-    sc = Scenario(
-        name="lost_update",
-        setup=["DROP TABLE IF EXISTS wb_isolation.t", "CREATE TABLE wb_isolation.t (id int PRIMARY KEY, v int)",
-               "INSERT INTO wb_isolation.t VALUES (1, 10), (2, 20)"],      # run in autocommit before the sessions
-        teardown=["DROP TABLE IF EXISTS wb_isolation.t"],                    # always run, even after errors
-        sessions={
-            "T1": {"isolation": "repeatable read",                          # optional; default read committed
-                   "steps": {"b1": "BEGIN", "r1": "SELECT v FROM wb_isolation.t WHERE id = 1",
-                             "w1": "UPDATE wb_isolation.t SET v = 11 WHERE id = 1", "c1": "COMMIT"}},
-            "T2": {"steps": {"b2": "BEGIN", "w2": ("UPDATE wb_isolation.t SET v = %(v)s WHERE id = 1", {"v": 12}),
-                             "c2": "COMMIT"}},
-        },
-        lock_timeout="3s",        # bound on every wait; must exceed deadlock_timeout (1 s) so deadlocks are 40P01
-    )
-    tr = sc.run(["b1", "b2", "r1", "w1", "w2", "c1", "c2"])   # step names are unique across sessions
-    tr.df            # DataFrame: order, session, step, sql, rows, error (message), sqlstate, waited (bool),
-                     #            blocked_by (list of session names), finished_after (step name that released it)
-    tr.rows("r1")    # list of tuples returned by step r1 (None if it returned no result set)
-    tr.value("r1")   # first column of the first row
-    tr.sqlstate("w2")# SQLSTATE string ('40001', '40P01', '55P03', '57014', ...) or None
-    tr.waited("w2")  # True when the step was blocked (decided by pg_blocking_pids, never by a sleep)
-    tr               # rich display: one column per session, rows in issue order, blocked steps marked
+    sc = Scenario.from_script("lost_update", '''
+        setup: CREATE TABLE t (id int PRIMARY KEY, v int)
+        setup: INSERT INTO t VALUES (1, 10), (2, 20)
+        T1: BEGIN
+        T2: BEGIN
+        T1: SELECT v FROM t WHERE id = 1      -- r1
+        T2: SELECT v FROM t WHERE id = 1      -- r2
+        T1: UPDATE t SET v = 11 WHERE id = 1  -- w1
+        T2: UPDATE t SET v = 11 WHERE id = 1  -- w2
+        T1: COMMIT
+        T2: COMMIT
+        teardown: DROP TABLE t
+    ''', schema="wb_locking_k123_ab12cd34", isolation="repeatable read")
+    tr = sc.run()          # the script's order; sc.run([...]) runs another permutation of the same steps
+    tr.waited("w2"), tr.sqlstate("w2"), tr.value("r1")
+
+Script lines: ``<session>: <SQL>`` is a step, ``setup: <SQL>`` / ``teardown: <SQL>`` run on the
+scheduler's own connection (teardown always, even after errors); a line indented deeper than the
+step above continues it; blank lines and lines starting with ``#`` are skipped. A trailing ``-- name`` (one word)
+names the step; an unnamed step is ``<session>_<n>``, the n-th line of its session (``t1_1``, ``t2_3``).
+Values are bound, never written in: a step containing ``%(key)s`` runs with ``params``. Names of
+tables go through ``psycopg.sql.Identifier``: ``names={"t": "g0_rc"}`` fills ``{t}`` in every
+statement, and ``schema=`` puts every connection's ``search_path`` on that schema.
+
+The dictionary form (``Scenario(name, setup, teardown, sessions={...})``, below) says the same with
+the steps named in nested dicts and the permutation passed to ``run``.
 
 Semantics (as PostgreSQL's isolation tester): each session has its own connection (psycopg 3,
 autocommit at the driver level so BEGIN/COMMIT in steps control transactions explicitly), its own
-application_name ``wb_scenario_<name>_<session>``. A step is sent asynchronously; the scheduler polls the
-server until the step either completes or its backend appears in pg_blocking_pids-based wait (then it is
-marked waited/blocked_by and the scheduler moves on to the next step of the permutation). A step of a
-session whose previous step is still blocked waits for it. When a later step releases the blocker, the
-blocked step's result is collected (order of completion recorded). Steps after an error in a session run
-normally (they usually fail with 25P02 until ROLLBACK/COMMIT, as in psql). Every wait is bounded by
-lock_timeout and statement_timeout; at the end every connection is closed and nothing (connection, open
-transaction, lock) remains.
+application_name ``wb_scenario_<name>_<session>``. A step is sent asynchronously; the scheduler polls
+the server until the step either completes or its backend is blocked by **another session of this
+scenario** (``pg_blocking_pids`` and ``pg_safe_snapshot_blocking_pids``, filtered to the scenario's
+own backends: a wait on a backend outside the scenario is not part of the script and counts as still
+running). A blocked step is marked ``waited``/``blocked_by`` and the scheduler moves on. A step of a
+session whose previous step is still blocked waits for it. When a later step releases the blocker,
+the blocked step's result is collected (order of completion recorded). Steps after an error in a
+session run normally (they usually fail with 25P02 until ROLLBACK/COMMIT, as in psql). Every wait is
+bounded by lock_timeout and statement_timeout; at the end every connection is closed and nothing
+(connection, open transaction, lock) remains.
 
 Details that make a transcript the same on every run:
 
 - After each step the scheduler *settles*: it waits until the step and every earlier blocked step is
-  either finished or stably blocked by a backend (a backend that is neither is still running, so it
-  looks again). Steps released together are recorded in issue order, after the step that released them.
+  either finished or stably blocked by a session of the scenario. Steps released together are
+  recorded in issue order, after the step that released them.
 - When the blocked steps form a cycle (a deadlock), it keeps waiting until PostgreSQL's deadlock
   detector breaks it (after ``deadlock_timeout``), so the victim is always decided before the next step.
-- ``Transcript.df`` also has ``issued`` (position in the permutation) and ``status`` (command tag).
 - ``finished_after`` is None for a blocked step that was not released but ended by the server
   (40P01 deadlock victim, 55P03 lock_timeout, 57014 statement_timeout).
+- The spec holds no state of a run: each ``run`` makes a ``_Run`` (connections, threads, results) and
+  returns its ``Transcript`` (``helpers.transcript``), which also knows the backends it used (``pids``).
 - The scheduler's own connection is named ``wb_scheduler_<name>``; it runs setup/teardown and the
   pg_blocking_pids polls, and after the sessions close it waits until their backends are gone.
 """
@@ -54,241 +63,67 @@ Details that make a transcript the same on every run:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import html
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import pandas as pd
 import psycopg
+from psycopg import sql
 
 from .database import psycopg_conninfo
+from .transcript import StepResult, Transcript
+
+__all__ = ["ISOLATION_LEVELS", "Scenario", "ScenarioError", "StepResult", "Transcript"]
 
 _ENDED_BY_SERVER = ("40P01", "55P03", "57014")
+#: PostgreSQL's four isolation levels, weakest first (the one definition in the workbook)
 ISOLATION_LEVELS = ("read uncommitted", "read committed", "repeatable read", "serializable")
 _POLL_SQL = """
 SELECT p, pg_blocking_pids(p), pg_safe_snapshot_blocking_pids(p)
 FROM unnest(%s::int[]) AS p
 """
+_LINE = re.compile(r"(?P<who>[A-Za-z][A-Za-z0-9_]*)\s*:\s?(?P<sql>.*)$")
+_LABEL = re.compile(r"\s*--\s*(?P<label>[A-Za-z_][A-Za-z0-9_]*)\s*$")
 
 
 class ScenarioError(RuntimeError):
     """The scenario itself is wrong (unknown step, bad isolation level) or a wait exceeded every bound."""
 
 
-@dataclass
-class StepResult:
-    """What one step did: its rows or error, and whether (and on whom) it waited."""
-
-    step: str
-    session: str
-    sql: str
-    issued: int
-    order: int | None = None
-    rows: list[tuple] | None = None
-    status: str | None = None
-    error: str | None = None
-    sqlstate: str | None = None
-    waited: bool = False
-    blocked_by: list[str] = field(default_factory=list)
-    finished_after: str | None = None
-    params: object = None
-
-    def shown_sql(self) -> str:
-        """The SQL with its parameters written in, for display only (never executed)."""
-        one = " ".join(self.sql.split())
-        try:
-            if isinstance(self.params, dict):
-                return one % {k: repr(v) for k, v in self.params.items()}
-            if isinstance(self.params, (list, tuple)):
-                return one % tuple(repr(v) for v in self.params)
-        except (TypeError, ValueError, KeyError):
-            pass
-        return one
-
-
-class Transcript:
-    """The outcome of ``Scenario.run``: ``.df``, accessors per step, and a T1/T2 column display."""
-
-    COLUMNS = [
-        "order",
-        "session",
-        "step",
-        "sql",
-        "rows",
-        "error",
-        "sqlstate",
-        "waited",
-        "blocked_by",
-        "finished_after",
-        "issued",
-        "status",
-    ]
-
-    def __init__(
-        self,
-        name: str,
-        sessions: list[str],
-        permutation: list[str],
-        results: dict[str, StepResult],
-        events: list[tuple[str, str]],
-    ):
-        self.name = name
-        self.sessions = sessions
-        self.permutation = permutation
-        self.results = results
-        self.events = events  # ("issue" | "block" | "finish", step) in the order they happened
-
-    @property
-    def df(self) -> pd.DataFrame:
-        rows = [[getattr(r, c) for c in self.COLUMNS] for r in self.results.values()]
-        df = pd.DataFrame(rows, columns=self.COLUMNS, dtype=object)
-        df = df.astype({"order": "int64", "issued": "int64", "waited": bool})
-        return df.sort_values("order", kind="stable").reset_index(drop=True)
-
-    def _r(self, step: str) -> StepResult:
-        if step not in self.results:
-            raise KeyError(f"step {step!r} was not part of this run; steps: {list(self.results)}")
-        return self.results[step]
-
-    def rows(self, step: str) -> list[tuple] | None:
-        """Rows returned by ``step`` (None when it returned no result set or failed)."""
-        return self._r(step).rows
-
-    def value(self, step: str):
-        """First column of the first row of ``step`` (None when there is none)."""
-        rows = self._r(step).rows
-        return rows[0][0] if rows else None
-
-    def sqlstate(self, step: str) -> str | None:
-        """SQLSTATE of the error ``step`` raised, None when it succeeded."""
-        return self._r(step).sqlstate
-
-    def error(self, step: str) -> str | None:
-        """First line of the error message of ``step``, None when it succeeded."""
-        return self._r(step).error
-
-    def waited(self, step: str) -> bool:
-        """True when the server showed ``step`` blocked (pg_blocking_pids) before it finished."""
-        return self._r(step).waited
-
-    def blocked_by(self, step: str) -> list[str]:
-        """Sessions that blocked ``step`` when it was first seen waiting."""
-        return list(self._r(step).blocked_by)
-
-    def signature(self) -> list[tuple]:
-        """Everything a run observed, as plain tuples (two runs behaved alike iff these are equal)."""
-        return [tuple(_hashable(v) for v in row) for row in self.df.itertuples(index=False, name=None)]
-
-    # -- display ---------------------------------------------------------------------------------------
-    def _cells(self, n: int = 48) -> list[tuple[str, str, str]]:
-        """(session, text, kind) per event, kind in ok / error / blocked / done; SQL cut at ``n`` characters."""
-        out = []
-        for kind, step in self.events:
-            r = self.results[step]
-            if kind == "issue":
-                continue
-            if kind == "block":
-                who = ", ".join(r.blocked_by) or "another backend"
-                out.append((r.session, f"{step}: {_short(r.shown_sql(), n)}  ⏳ blocked by {who}", "blocked"))
-            else:
-                head = f"{step}: {_short(r.shown_sql(), n)}"
-                if r.waited:
-                    head = f"{step}: … " + (
-                        f"completed after {r.finished_after}" if r.finished_after else "ended by the server"
-                    )
-                out.append(
-                    (
-                        r.session,
-                        f"{head}  {_short(_outcome(r), max(n, 60))}",
-                        "error" if r.sqlstate else ("done" if r.waited else "ok"),
-                    )
-                )
-        return out
-
-    def __repr__(self) -> str:
-        cells = self._cells()
-        width = {s: max([len(s)] + [len(t) for ss, t, _ in cells if ss == s]) for s in self.sessions}
-        width = {s: min(w, 72) for s, w in width.items()}
-        lines = [f"Scenario {self.name!r}", "    " + " | ".join(s.ljust(width[s]) for s in self.sessions)]
-        for i, (sess, txt, _) in enumerate(cells, 1):
-            txt = txt[:72]
-            parts = [
-                (txt if s == sess else "").ljust(width[s])[: max(width[s], len(txt)) if s == sess else width[s]]
-                for s in self.sessions
-            ]
-            lines.append(f"{i:>3} " + " | ".join(parts).rstrip())
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        colors = {
-            "ok": "",
-            "done": "background:#e8f4e8",
-            "blocked": "background:#fff3cd",
-            "error": "background:#f8d7da",
-        }
-        head = "".join(f"<th style='text-align:left'>{html.escape(s)}</th>" for s in self.sessions)
-        body = []
-        for i, (sess, txt, kind) in enumerate(self._cells(200), 1):
-            tds = "".join(
-                f"<td style='text-align:left;font-family:monospace;{colors[kind]}'>{html.escape(txt)}</td>"
-                if s == sess
-                else "<td></td>"
-                for s in self.sessions
-            )
-            body.append(f"<tr><td>{i}</td>{tds}</tr>")
-        return (
-            f"<div><b>Scenario {html.escape(self.name)}</b><table><thead><tr><th>#</th>{head}</tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table></div>"
-        )
-
-
-def _hashable(v):
-    if isinstance(v, list):
-        return tuple(_hashable(x) for x in v)
-    if isinstance(v, float) and v != v:
-        return None
-    return v
-
-
-def _short(sql: str, n: int = 48) -> str:
-    one = " ".join(sql.split())
-    return one if len(one) <= n else one[: n - 1] + "…"
-
-
-def _outcome(r: StepResult) -> str:
-    if r.sqlstate:
-        return f"✗ {r.sqlstate} {r.error or ''}".strip()
-    if r.rows is not None:
-        shown = r.rows[:3]
-        more = f" +{len(r.rows) - 3}" if len(r.rows) > 3 else ""
-        return f"→ {shown}{more}"
-    return f"✓ {r.status}" if r.status else "✓"
-
-
-@dataclass
-class _Session:
-    name: str
-    isolation: str | None
-    steps: dict[str, tuple[str, object]]
-    conn: psycopg.Connection | None = None
-    pid: int | None = None
-    pool: cf.ThreadPoolExecutor | None = None
-    current: tuple[StepResult, cf.Future] | None = None
-
-
-def _execute(conn: psycopg.Connection, sql: str, params) -> tuple:
-    """Run one step on its connection (in the session's thread): rows, command tag, error, SQLSTATE."""
-    try:
-        cur = conn.execute(sql, params) if params is not None else conn.execute(sql)
-        rows = [tuple(r) for r in cur.fetchall()] if cur.description is not None else None
-        return rows, cur.statusmessage, None, None
-    except psycopg.Error as exc:
-        msg = (getattr(exc.diag, "message_primary", None) or str(exc)).strip().splitlines()
-        return None, None, (msg[0] if msg else type(exc).__name__), exc.sqlstate
+def parse_script(script: str) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
+    """``(setup, teardown, [(session, step name, SQL), ...])`` of an ordered script, in line order."""
+    entries: list[list[str]] = []  # [who, text]; who is a session, "setup" or "teardown"
+    indent = 0  # of the last step line: a line indented deeper continues it
+    for n, raw in enumerate(script.splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        depth = len(raw) - len(raw.lstrip())
+        if entries and depth > indent:  # continues the line above
+            entries[-1][1] = f"{entries[-1][1]}\n{raw.strip()}"
+            continue
+        m = _LINE.match(raw.strip())
+        if not m:
+            raise ScenarioError(f"line {n}: expected '<session>: <SQL>' (or setup:/teardown:), got {raw.strip()!r}")
+        who, indent = m.group("who"), depth
+        entries.append([who.lower() if who.lower() in ("setup", "teardown") else who, m.group("sql").strip()])
+    setup = [text for who, text in entries if who == "setup"]
+    teardown = [text for who, text in entries if who == "teardown"]
+    steps, counts = [], {}
+    for who, text in entries:
+        if who in ("setup", "teardown"):
+            continue
+        label = _LABEL.search(text)
+        counts[who] = counts.get(who, 0) + 1
+        name = label.group("label") if label else f"{who.lower()}_{counts[who]}"
+        steps.append((who, name, text[: label.start()].rstrip() if label else text))
+    return setup, teardown, steps
 
 
 class Scenario:
-    """Setup SQL, named sessions with named steps, teardown SQL; ``run(permutation)`` returns a Transcript."""
+    """Setup SQL, named sessions with named steps, teardown SQL; ``run(permutation)`` returns a Transcript.
+
+    The spec only: nothing about a run is kept here (``run`` returns everything it observed).
+    """
 
     def __init__(
         self,
@@ -297,9 +132,12 @@ class Scenario:
         teardown=(),
         sessions: dict | None = None,
         *,
+        permutation=None,
         lock_timeout: str = "3s",
         statement_timeout: str = "10s",
         database: str | None = None,
+        schema: str | None = None,
+        names: dict | None = None,
     ):
         if not name.replace("_", "").isalnum():
             raise ScenarioError(f"scenario name must be letters, digits and underscores: {name!r}")
@@ -309,7 +147,8 @@ class Scenario:
         self.lock_timeout = lock_timeout
         self.statement_timeout = statement_timeout
         self.database = database
-        self.pids: dict[str, int] = {}  # session -> backend pid of the last run (for leftover checks)
+        self.schema = schema
+        self.names = dict(names or {})
         self.sessions: dict[str, dict] = {}
         self._step_session: dict[str, str] = {}
         for sname, spec in (sessions or {}).items():
@@ -326,6 +165,46 @@ class Scenario:
                 self._step_session[step] = sname
                 steps[step] = (body, None) if isinstance(body, str) else (body[0], body[1])
             self.sessions[sname] = {"isolation": iso.lower() if iso else None, "steps": steps}
+        self.permutation = list(permutation) if permutation is not None else None
+        if self.permutation is not None:
+            self._check(self.permutation)
+
+    @classmethod
+    def from_script(
+        cls,
+        name: str,
+        script: str,
+        *,
+        setup=(),
+        teardown=(),
+        isolation: str | dict | None = None,
+        params: dict | None = None,
+        **options,
+    ) -> Scenario:
+        """A scenario from ordered lines ``T1: UPDATE ...`` (see the module's docstring): line order is the order run.
+
+        ``isolation``: one level for every session, or ``{session: level}``. ``params``: bound values for
+        the steps that contain ``%(key)s``. ``setup``/``teardown`` run before the script's own lines.
+        Other keywords (``schema``, ``names``, ``lock_timeout``, ``database``) as for ``Scenario``.
+        """
+        own_setup, own_teardown, steps = parse_script(script)
+        sessions: dict[str, dict] = {}
+        for who, step, body in steps:
+            level = isolation.get(who) if isinstance(isolation, dict) else isolation
+            spec = sessions.setdefault(who, {"steps": {}, **({"isolation": level} if level else {})})
+            if step in spec["steps"] or any(step in s["steps"] for s in sessions.values()):
+                raise ScenarioError(f"step name {step!r} is used twice in the script")
+            spec["steps"][step] = (body, params) if params is not None and "%(" in body else body
+        setup = [setup] if isinstance(setup, str) else list(setup)
+        teardown = [teardown] if isinstance(teardown, str) else list(teardown)
+        return cls(
+            name,
+            [*setup, *own_setup],
+            [*own_teardown, *teardown],
+            sessions,
+            permutation=[step for _, step, _ in steps],
+            **options,
+        )
 
     def application_name(self, session: str) -> str:
         """``wb_scenario_<name>_<session>``: how the server knows a session of this scenario."""
@@ -336,31 +215,97 @@ class Scenario:
         """All step names, session by session."""
         return list(self._step_session)
 
-    # -- running ---------------------------------------------------------------------------------------
-    def run(self, permutation=None) -> Transcript:
-        """Run setup, the steps in ``permutation`` order (default: session by session), teardown."""
-        perm = list(permutation) if permutation is not None else self.steps
+    def session_of(self, step: str) -> str:
+        return self._step_session[step]
+
+    def _check(self, perm: list[str]) -> None:
         unknown = [s for s in perm if s not in self._step_session]
         if unknown:
             raise ScenarioError(f"unknown steps {unknown}; this scenario has {self.steps}")
         if len(set(perm)) != len(perm):
             raise ScenarioError(f"a step may appear once in a permutation: {perm}")
+
+    def script(self, permutation=None) -> str:
+        """The scenario as an ordered script (what ``from_script`` reads), in ``permutation`` order."""
+        perm = list(permutation) if permutation is not None else (self.permutation or self.steps)
+        lines = [f"setup: {s}" for s in self.setup]
+        for step in perm:
+            who = self._step_session[step]
+            first, *more = self.sessions[who]["steps"][step][0].splitlines() or [""]
+            lines.append(f"{who}: {first}" + "".join(f"\n    {m}" for m in more) + f"  -- {step}")
+        lines += [f"teardown: {s}" for s in self.teardown]
+        return "\n".join(lines)
+
+    def run(self, permutation=None) -> Transcript:
+        """Run setup, the steps in ``permutation`` order (default: the script's order, else session by
+        session), teardown; returns the run's ``Transcript``."""
+        perm = list(permutation) if permutation is not None else (self.permutation or self.steps)
+        self._check(perm)
+        return _Run(self, perm).execute()
+
+
+@dataclass
+class _Session:
+    name: str
+    isolation: str | None
+    steps: dict[str, tuple[str, object]]
+    conn: psycopg.Connection | None = None
+    pid: int | None = None
+    pool: cf.ThreadPoolExecutor | None = None
+    current: tuple[StepResult, cf.Future] | None = None
+
+
+def _execute(conn: psycopg.Connection, query: str, params) -> tuple:
+    """Run one step on its connection (in the session's thread): rows, command tag, error, SQLSTATE."""
+    try:
+        cur = conn.execute(query, params) if params is not None else conn.execute(query)
+        rows = [tuple(r) for r in cur.fetchall()] if cur.description is not None else None
+        return rows, cur.statusmessage, None, None
+    except psycopg.Error as exc:
+        msg = (getattr(exc.diag, "message_primary", None) or str(exc)).strip().splitlines()
+        return None, None, (msg[0] if msg else type(exc).__name__), exc.sqlstate
+
+
+class _Run:
+    """One run of a scenario: its connections, threads and observations (the spec stays untouched)."""
+
+    def __init__(self, spec: Scenario, perm: list[str]):
+        self.spec, self.perm = spec, perm
+        self.name = spec.name
+        self.lock_timeout, self.statement_timeout = spec.lock_timeout, spec.statement_timeout
         self._results: dict[str, StepResult] = {}
         self._events: list[tuple[str, str]] = []
         self._order = 0
-        conninfo = psycopg_conninfo(self.database)
+        self._pids: dict[int, str] = {}
+
+    def _sql(self, text: str) -> str:
+        """``text`` with ``{name}`` filled by quoted identifiers (``spec.names``), as a plain string."""
+        if not self.spec.names:
+            return text
+        idents = {
+            k: sql.Identifier(*v) if isinstance(v, (tuple, list)) else sql.Identifier(v)
+            for k, v in self.spec.names.items()
+        }
+        return sql.SQL(text).format(**idents).as_string(self._admin)
+
+    def execute(self) -> Transcript:
+        spec = self.spec
+        conninfo = psycopg_conninfo(spec.database)
         admin = psycopg.connect(**conninfo, autocommit=True, application_name=f"wb_scheduler_{self.name}"[:63])
         self._admin = admin
-        sessions = {n: _Session(n, s["isolation"], s["steps"]) for n, s in self.sessions.items()}
+        sessions = {
+            n: _Session(n, s["isolation"], {k: (self._sql(q), p) for k, (q, p) in s["steps"].items()})
+            for n, s in spec.sessions.items()
+        }
         self._sessions = sessions
         try:
             self._set_bounds(admin)
             superuser = admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-            for stmt in self.setup:
-                admin.execute(stmt)
+            for stmt in spec.setup:
+                admin.execute(self._sql(stmt))
             for i, s in enumerate(sessions.values()):
                 s.conn = psycopg.connect(
-                    **conninfo, autocommit=True, prepare_threshold=None, application_name=self.application_name(s.name)
+                    **conninfo, autocommit=True, prepare_threshold=None, application_name=spec.application_name(s.name)
                 )
                 self._set_bounds(s.conn)
                 if superuser:
@@ -370,8 +315,7 @@ class Scenario:
                 s.pid = s.conn.info.backend_pid
                 s.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wb_{self.name}_{s.name}")
             self._pids = {s.pid: s.name for s in sessions.values()}
-            self.pids = {s.name: s.pid for s in sessions.values()}
-            for step in perm:
+            for step in self.perm:
                 self._issue(step)
             for s in sessions.values():  # steps still blocked at the end: their bounds will end them
                 if s.current:
@@ -380,11 +324,19 @@ class Scenario:
         finally:
             self._close(sessions)
             try:
-                for stmt in self.teardown:
-                    admin.execute(stmt)
+                for stmt in spec.teardown:
+                    admin.execute(self._sql(stmt))
             finally:
                 admin.close()
-        return Transcript(self.name, list(self.sessions), perm, {s: self._results[s] for s in perm}, self._events)
+        return Transcript(
+            self.name,
+            list(spec.sessions),
+            self.perm,
+            {s: self._results[s] for s in self.perm},
+            self._events,
+            pids={s.name: s.pid for s in sessions.values()},
+            application_names={n: spec.application_name(n) for n in spec.sessions},
+        )
 
     def _set_bounds(self, conn: psycopg.Connection) -> None:
         conn.execute(
@@ -392,6 +344,9 @@ class Scenario:
             "set_config('idle_in_transaction_session_timeout', '60s', false)",
             (self.lock_timeout, self.statement_timeout),
         )
+        if self.spec.schema:
+            path = sql.Identifier(self.spec.schema).as_string(conn)
+            conn.execute("SELECT set_config('search_path', %s, false)", (path,))
 
     def _stagger_deadlock_timeout(self, conn: psycopg.Connection, index: int) -> None:
         """Deadlock victim by declaration order, not by a race between the waiters' timers.
@@ -409,15 +364,15 @@ class Scenario:
         return time.monotonic() + _seconds(self.statement_timeout) + 10.0
 
     def _issue(self, step: str) -> None:
-        sess = self._sessions[self._step_session[step]]
+        sess = self._sessions[self.spec.session_of(step)]
         if sess.current is not None:  # the session's previous step is still blocked: wait for it
             self._finish(sess.current, step)
             self._settle(step)
-        sql, params = sess.steps[step]
-        res = StepResult(step=step, session=sess.name, sql=sql, issued=len(self._results) + 1, params=params)
+        query, params = sess.steps[step]
+        res = StepResult(step=step, session=sess.name, sql=query, issued=len(self._results) + 1, params=params)
         self._results[step] = res
         self._events.append(("issue", step))
-        fut = sess.pool.submit(_execute, sess.conn, sql, params)
+        fut = sess.pool.submit(_execute, sess.conn, query, params)
         sess.current = (res, fut)
         self._wait_stable([sess.current])
         if res.waited:
@@ -445,11 +400,12 @@ class Scenario:
             blockers = self._poll(running)
             unsettled = []
             for res, fut in running:
-                by = blockers.get(self._sessions[res.session].pid) or []
+                # only the scenario's own sessions count: a wait on an outside backend is not in the script
+                by = [p for p in blockers.get(self._sessions[res.session].pid) or [] if p in self._pids]
                 if by and not fut.done():
                     if not res.waited:
                         res.waited = True
-                        res.blocked_by = sorted({self._pids.get(p, f"pid {p}") for p in by})
+                        res.blocked_by = sorted({self._pids[p] for p in by})
                 elif not fut.done():
                     unsettled.append(fut)
             if not unsettled:
@@ -464,7 +420,10 @@ class Scenario:
         """True when the blocked steps wait for each other in a cycle (a deadlock not yet broken)."""
         blockers = self._poll(pending)
         graph = {
-            self._sessions[r.session].pid: set(blockers.get(self._sessions[r.session].pid) or []) for r, _ in pending
+            self._sessions[r.session].pid: {
+                p for p in blockers.get(self._sessions[r.session].pid) or [] if p in self._pids
+            }
+            for r, _ in pending
         }
         for start in graph:
             seen, frontier = set(), set(graph[start])
