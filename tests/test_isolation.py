@@ -102,6 +102,23 @@ def test_retry_raises_other_errors_at_once(rr):
     calls = []
 
     @retry(attempts=5)
+    def not_null():
+        calls.append(1)
+        with eng.begin() as conn:
+            conn.execute(text(f"INSERT INTO {table} VALUES (2, NULL)"))
+
+    with pytest.raises(DBAPIError) as info:
+        not_null()
+    assert info.value.orig.sqlstate == "23502" and len(calls) == 1
+
+
+def test_retry_retries_a_taken_key_then_gives_up_with_a_note(rr):
+    """23505 is retried (PostgreSQL docs 13.5: it may be a serialization failure in disguise); a key that
+    stays taken fails the same way each time and is raised after the attempts, saying how many."""
+    eng, table = rr
+    calls = []
+
+    @retry(attempts=3, sleep=lambda d: None)
     def duplicate():
         calls.append(1)
         with eng.begin() as conn:
@@ -109,7 +126,8 @@ def test_retry_raises_other_errors_at_once(rr):
 
     with pytest.raises(DBAPIError) as info:
         duplicate()
-    assert info.value.orig.sqlstate == "23505" and len(calls) == 1
+    assert info.value.orig.sqlstate == "23505" and len(calls) == 3
+    assert any("gave up after 3 attempts" in n for n in info.value.__notes__)
 
 
 def test_retry_treats_deadlock_as_retryable():
