@@ -61,6 +61,7 @@ def retry(
     fn: Callable | None = None,
     *,
     attempts: int = 5,
+    also: tuple[type[BaseException], ...] = (),
     base: float = 0.005,
     cap: float = 0.25,
     on_retry: Callable[[int, BaseException, float], object] | None = None,
@@ -69,7 +70,8 @@ def retry(
 ):
     """Run ``fn`` again on a ``RETRYABLE`` SQLSTATE, at most ``attempts`` times in all, backing off with jitter.
 
-    Used bare (``@retry``), with options (``@retry(attempts=3)``) or as a call
+    ``also``: exception types to retry besides the SQLSTATEs, e.g. SQLAlchemy's ``StaleDataError`` (an
+    optimistic version check that lost) or an exception of your own. Used bare (``@retry``), with options (``@retry(attempts=3)``) or as a call
     (``retry(fn, attempts=3)(*args)``). ``on_retry(attempt, exc, delay)`` is called before each
     wait. When the attempts run out the last error is raised, with a note saying how many were made.
     """
@@ -83,10 +85,11 @@ def retry(
                 try:
                     return func(*args, **kwargs)
                 except Exception as exc:
-                    if not is_retryable(exc):
+                    if not (is_retryable(exc) or isinstance(exc, also)):
                         raise
                     if attempt == attempts:
-                        exc.add_note(f"retry: gave up after {attempts} attempts (SQLSTATE {sqlstate(exc)})")
+                        why = f"SQLSTATE {sqlstate(exc)}" if sqlstate(exc) else type(exc).__name__
+                        exc.add_note(f"retry: gave up after {attempts} attempts ({why})")
                         raise
                     delay = backoff(attempt, base=base, cap=cap, rng=rng)
                     if on_retry is not None:
