@@ -29,41 +29,27 @@ Values are bound, never written in: a step containing ``%(key)s`` runs with ``pa
 tables go through ``psycopg.sql.Identifier``: ``names={"t": "g0_rc"}`` fills ``{t}`` in every
 statement, and ``schema=`` puts every connection's ``search_path`` on that schema.
 
-The dictionary form (``Scenario(name, setup, teardown, sessions={...})``, below) says the same with
-the steps named in nested dicts and the permutation passed to ``run``.
+The dictionary form (``Scenario(name, setup, teardown, sessions={"T1": {"isolation": ..., "steps":
+{"r1": "SELECT ...", "w1": ("UPDATE ... %(v)s", {"v": 1})}}})``) says the same; ``run(permutation)``.
 
-Semantics (as PostgreSQL's isolation tester): each session has its own connection (psycopg 3,
-autocommit at the driver level so BEGIN/COMMIT in steps control transactions explicitly), its own
-application_name ``wb_scenario_<name>_<session>``. A step is sent asynchronously; the scheduler polls
-the server until the step either completes or its backend is blocked by **another session of this
-scenario** (``pg_blocking_pids`` and ``pg_safe_snapshot_blocking_pids``, filtered to the scenario's
-own backends: a wait on a backend outside the scenario is not part of the script and counts as still
-running). A blocked step is marked ``waited``/``blocked_by`` and the scheduler moves on. A step of a
-session whose previous step is still blocked waits for it. When a later step releases the blocker,
-the blocked step's result is collected (order of completion recorded). Steps after an error in a
-session run normally (they usually fail with 25P02 until ROLLBACK/COMMIT, as in psql). Every wait is
-bounded by lock_timeout and statement_timeout; at the end every connection is closed and nothing
-(connection, open transaction, lock) remains.
-
-Details that make a transcript the same on every run:
-
-- After each step the scheduler *settles*: it waits until the step and every earlier blocked step is
-  either finished or stably blocked by a session of the scenario. Steps released together are
-  recorded in issue order, after the step that released them.
-- When the blocked steps form a cycle (a deadlock), it keeps waiting until PostgreSQL's deadlock
-  detector breaks it (after ``deadlock_timeout``), so the victim is always decided before the next step.
-- ``finished_after`` is None for a blocked step that was not released but ended by the server
-  (40P01 deadlock victim, 55P03 lock_timeout, 57014 statement_timeout).
-- The spec holds no state of a run: each ``run`` makes a ``_Run`` (connections, threads, results) and
-  returns its ``Transcript`` (``helpers.transcript``), which also knows the backends it used (``pids``).
-- The scheduler's own connection is named ``wb_scheduler_<name>``; it runs setup/teardown and the
-  pg_blocking_pids polls, and after the sessions close it waits until their backends are gone.
+Semantics, as PostgreSQL's isolation tester: each session has its own connection (autocommit at the
+driver, so BEGIN/COMMIT steps control transactions) named ``wb_scenario_<name>_<session>``. A step is
+sent asynchronously; the scheduler polls the server until it completes or is blocked by **another
+session of this scenario** (``pg_blocking_pids`` and ``pg_safe_snapshot_blocking_pids`` filtered to the
+scenario's backends: a wait on an outside backend is not in the script and counts as running), marks
+it ``waited``/``blocked_by`` and moves on; a session's next step waits for its blocked one. After each
+step it *settles* (every pending step finished or stably blocked; steps released together are recorded
+in issue order, after the step that released them); a deadlock is left to PostgreSQL's detector, so the
+victim is decided before the next step. ``finished_after`` is None for a blocked step the server ended
+(40P01, 55P03, 57014). Steps after an error run normally (25P02 until ROLLBACK). Every wait is bounded by
+lock_timeout and statement_timeout, and at the end nothing (connection, transaction, lock) remains.
+The spec holds no state of a run: each ``run`` makes a ``_Run`` and returns its ``Transcript``
+(``helpers.transcript``), which also knows the backends it used (``pids``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import re
 import time
 from dataclasses import dataclass
 
@@ -71,9 +57,9 @@ import psycopg
 from psycopg import sql
 
 from .database import psycopg_conninfo
-from .transcript import StepResult, Transcript
+from .transcript import ScenarioError, StepResult, Transcript, parse_script
 
-__all__ = ["ISOLATION_LEVELS", "Scenario", "ScenarioError", "StepResult", "Transcript"]
+__all__ = ["ISOLATION_LEVELS", "Scenario", "ScenarioError", "StepResult", "Transcript", "parse_script"]
 
 _ENDED_BY_SERVER = ("40P01", "55P03", "57014")
 #: PostgreSQL's four isolation levels, weakest first (the one definition in the workbook)
@@ -82,41 +68,6 @@ _POLL_SQL = """
 SELECT p, pg_blocking_pids(p), pg_safe_snapshot_blocking_pids(p)
 FROM unnest(%s::int[]) AS p
 """
-_LINE = re.compile(r"(?P<who>[A-Za-z][A-Za-z0-9_]*)\s*:\s?(?P<sql>.*)$")
-_LABEL = re.compile(r"\s*--\s*(?P<label>[A-Za-z_][A-Za-z0-9_]*)\s*$")
-
-
-class ScenarioError(RuntimeError):
-    """The scenario itself is wrong (unknown step, bad isolation level) or a wait exceeded every bound."""
-
-
-def parse_script(script: str) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
-    """``(setup, teardown, [(session, step name, SQL), ...])`` of an ordered script, in line order."""
-    entries: list[list[str]] = []  # [who, text]; who is a session, "setup" or "teardown"
-    indent = 0  # of the last step line: a line indented deeper continues it
-    for n, raw in enumerate(script.splitlines(), 1):
-        if not raw.strip() or raw.lstrip().startswith("#"):
-            continue
-        depth = len(raw) - len(raw.lstrip())
-        if entries and depth > indent:  # continues the line above
-            entries[-1][1] = f"{entries[-1][1]}\n{raw.strip()}"
-            continue
-        m = _LINE.match(raw.strip())
-        if not m:
-            raise ScenarioError(f"line {n}: expected '<session>: <SQL>' (or setup:/teardown:), got {raw.strip()!r}")
-        who, indent = m.group("who"), depth
-        entries.append([who.lower() if who.lower() in ("setup", "teardown") else who, m.group("sql").strip()])
-    setup = [text for who, text in entries if who == "setup"]
-    teardown = [text for who, text in entries if who == "teardown"]
-    steps, counts = [], {}
-    for who, text in entries:
-        if who in ("setup", "teardown"):
-            continue
-        label = _LABEL.search(text)
-        counts[who] = counts.get(who, 0) + 1
-        name = label.group("label") if label else f"{who.lower()}_{counts[who]}"
-        steps.append((who, name, text[: label.start()].rstrip() if label else text))
-    return setup, teardown, steps
 
 
 class Scenario:

@@ -1,4 +1,5 @@
-"""What one run of a ``Scenario`` observed: ``StepResult`` per step and the ``Transcript`` of the run.
+"""The text forms of a ``Scenario``: the ordered script it reads (``parse_script``), and what one run observed
+(``StepResult`` per step, the ``Transcript`` of the run).
 
 A ``Transcript`` is the run's result object (the ``Scenario`` is only the spec): ``.df``, accessors
 per step (``rows``, ``value``, ``sqlstate``, ``error``, ``waited``, ``blocked_by``), the backends it
@@ -8,9 +9,46 @@ used (``pids``, so a caller can prove none is left) and a display with one colum
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 
 import pandas as pd
+
+_LINE = re.compile(r"(?P<who>[A-Za-z][A-Za-z0-9_]*)\s*:\s?(?P<sql>.*)$")
+_LABEL = re.compile(r"\s*--\s*(?P<label>[A-Za-z_][A-Za-z0-9_]*)\s*$")
+
+
+class ScenarioError(RuntimeError):
+    """The scenario itself is wrong (unknown step, bad isolation level) or a wait exceeded every bound."""
+
+
+def parse_script(script: str) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
+    """``(setup, teardown, [(session, step name, SQL), ...])`` of an ordered script, in line order."""
+    entries: list[list[str]] = []  # [who, text]; who is a session, "setup" or "teardown"
+    indent = 0  # of the last step line: a line indented deeper continues it
+    for n, raw in enumerate(script.splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        depth = len(raw) - len(raw.lstrip())
+        if entries and depth > indent:  # continues the line above
+            entries[-1][1] = f"{entries[-1][1]}\n{raw.strip()}"
+            continue
+        m = _LINE.match(raw.strip())
+        if not m:
+            raise ScenarioError(f"line {n}: expected '<session>: <SQL>' (or setup:/teardown:), got {raw.strip()!r}")
+        who, indent = m.group("who"), depth
+        entries.append([who.lower() if who.lower() in ("setup", "teardown") else who, m.group("sql").strip()])
+    setup = [text for who, text in entries if who == "setup"]
+    teardown = [text for who, text in entries if who == "teardown"]
+    steps, counts = [], {}
+    for who, text in entries:
+        if who in ("setup", "teardown"):
+            continue
+        label = _LABEL.search(text)
+        counts[who] = counts.get(who, 0) + 1
+        name = label.group("label") if label else f"{who.lower()}_{counts[who]}"
+        steps.append((who, name, text[: label.start()].rstrip() if label else text))
+    return setup, teardown, steps
 
 
 @dataclass
