@@ -233,3 +233,21 @@ def test_prevented_by_labels_how_and_retryable_says_what_to_retry():
 def test_an_unknown_anomaly_needs_its_own_decision():
     with pytest.raises(KeyError, match="no decision"):
         anomalies.Anomaly("G9", "T1: SELECT 1")
+
+
+def test_retry_also_retries_the_exception_types_it_is_given():
+    class Conflict(Exception):
+        pass
+
+    calls = []
+
+    @retry(attempts=3, also=(Conflict,), sleep=lambda d: None)
+    def optimistic():
+        calls.append(1)
+        if len(calls) < 3:
+            raise Conflict("the version changed")
+        return "saved"
+
+    assert optimistic() == "saved" and len(calls) == 3
+    with pytest.raises(ValueError):
+        retry(lambda: (_ for _ in ()).throw(ValueError("not retried")), attempts=3, also=(Conflict,))()
