@@ -9,7 +9,7 @@ one ordered ``T1:`` / ``T2:`` script per anomaly (``Scenario.from_script``), on 
   the anomaly *occurred*. Nothing here knows what PostgreSQL is expected to do at a given level:
   the verdicts are observations. ``decide`` reads steps by the names the scripts give them
   (``-- r1``, ``-- w2x``, ...): keep those names when you edit a script.
-- ``run(anomaly, level, schema)``: the scenario at one level, on its own table ``<schema>.<key>_<level>``,
+- ``run(anomaly, level, schema)``: the scenario at one level, on its own table ``<schema>.<key>_<level abbreviation>`` (``g2_item_ser``),
   with a verifier session ``V`` that reads the final rows (step ``final``); ``run_all`` and ``matrix``.
 - ``how(transcript)``: how a prevented anomaly was prevented (``PREVENTED_BY`` labels the SQLSTATEs).
 """
