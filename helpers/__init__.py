@@ -59,7 +59,8 @@ _LAZY = {
     "measure": "helpers.timing",
     "explain": "helpers.plans",
     "compare": "helpers.plans",
-    "Scenario": "helpers.sessions",
+    "Scenario": "helpers.scenario",
+    "ISOLATION_LEVELS": "helpers.scenario",  # PostgreSQL's four levels, weakest first: the one definition
     "locks": "helpers.locks",
     "blocking": "helpers.locks",
     "retry": "helpers.retrying",  # module named apart from the function it exports

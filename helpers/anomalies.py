@@ -1,11 +1,17 @@
-"""The anomaly catalogue of Adya / Berenson et al. (as tested by Hermitage), as data.
+"""The anomaly catalogue of Adya / Berenson et al. (as tested by Hermitage): the instrument and the verdicts.
 
-Each ``Anomaly`` is a scripted interleaving (sessions, steps, permutation) on a two-row table
-``(1, 10), (2, 20)`` plus a ``decide`` function that reads the transcript — values the sessions
-read, their errors, the final rows — and says whether the anomaly *occurred*. Nothing here knows
-what PostgreSQL is expected to do at a given level: the verdicts are observations.
+The scripts themselves live in chapter 04's cells, where a learner reads, edits and re-runs them:
+one ordered ``T1:`` / ``T2:`` script per anomaly (``Scenario.from_script``), on a two-row table
+``{t}`` holding ``(1, 10), (2, 20)`` (*x* and *y*). This module keeps what is not the lesson:
 
-A verifier session ``V`` reads the final rows after every run (step ``final``).
+- ``Anomaly(key, script)``: a script with its name, what is checked, and its ``decide`` function,
+  which reads the transcript (values the sessions read, their errors, the final rows) and says whether
+  the anomaly *occurred*. Nothing here knows what PostgreSQL is expected to do at a given level:
+  the verdicts are observations. ``decide`` reads steps by the names the scripts give them
+  (``-- r1``, ``-- w2x``, ...): keep those names when you edit a script.
+- ``run(anomaly, level, schema)``: the scenario at one level, on its own table ``<schema>.<key>_<level abbreviation>`` (``g2_item_ser``),
+  with a verifier session ``V`` that reads the final rows (step ``final``); ``run_all`` and ``matrix``.
+- ``how(transcript)``: how a prevented anomaly was prevented (``PREVENTED_BY`` labels the SQLSTATEs).
 """
 
 from __future__ import annotations
@@ -17,8 +23,18 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-LEVELS = ("read uncommitted", "read committed", "repeatable read", "serializable")
-RETRYABLE = {"40001": "serialization failure", "40P01": "deadlock"}
+from .scenario import ISOLATION_LEVELS, Scenario, parse_script
+from .scratch import scratch_suffix
+
+#: how an anomaly was prevented, by the SQLSTATE a step got (not what to retry: that is ``retrying.RETRYABLE``)
+PREVENTED_BY = {"40001": "serialization failure", "40P01": "deadlock"}
+#: every run's table starts with these rows: x = (1, 10), y = (2, 20)
+SETUP = (
+    "CREATE TABLE {t} (id int PRIMARY KEY, value int NOT NULL)",
+    "INSERT INTO {t} (id, value) VALUES (1, 10), (2, 20)",
+)
+FINAL = "V: SELECT id, value FROM {t} ORDER BY id  -- final"
+_ABBREV = {"read uncommitted": "ru", "read committed": "rc", "repeatable read": "rr", "serializable": "ser"}
 
 
 @dataclass(frozen=True)
@@ -31,15 +47,35 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Anomaly:
-    """One anomaly: steps per session (SQL with ``{t}`` for the table), a permutation, a decision."""
+    """One anomaly: an ordered script (``T1: ...`` lines, ``{t}`` for the table) and the decision that reads its run."""
 
     key: str
-    name: str
-    sessions: dict[str, dict[str, str]]
-    permutation: tuple[str, ...]
-    decide: Callable[[object], Verdict]
-    rows: tuple[tuple[int, int], ...] = ((1, 10), (2, 20))
+    script: str
+    name: str = ""
     about: str = ""
+    decide: Callable[[object], Verdict] | None = None
+
+    def __post_init__(self):
+        known = KNOWN.get(self.key)
+        if known is None and self.decide is None:
+            raise KeyError(f"no decision for {self.key!r}: pass decide=..., or use one of {sorted(KNOWN)}")
+        for attr, value in zip(("name", "about", "decide"), known or (None, None, None), strict=True):
+            if not getattr(self, attr) and value is not None:
+                object.__setattr__(self, attr, value)
+        parse_script(self.script)  # a malformed script is refused here, not in the middle of a matrix
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(dict.fromkeys(who for who, _, _ in parse_script(self.script)[2]))
+
+    @property
+    def permutation(self) -> tuple[str, ...]:
+        return tuple(step for _, step, _ in parse_script(self.script)[2])
+
+
+def catalogue(scripts: dict[str, str]) -> tuple[Anomaly, ...]:
+    """``{key: script}`` -> Anomalies, in the dict's order, each with its name, about and decision."""
+    return tuple(Anomaly(key, script) for key, script in scripts.items())
 
 
 @dataclass
@@ -85,7 +121,7 @@ def how(tr, occurred: bool) -> str:
             continue
         if bool(row["waited"]) and "blocked" not in seen:
             seen.append("blocked")
-        label = RETRYABLE.get(row["sqlstate"])
+        label = PREVENTED_BY.get(row["sqlstate"])
         if label and label not in seen:
             seen.append(label)
     return ", then ".join(seen) if seen else "snapshot"
@@ -171,222 +207,6 @@ def _g2(tr) -> Verdict:
     )
 
 
-CATALOGUE: tuple[Anomaly, ...] = (
-    Anomaly(
-        "G0",
-        "dirty write",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "w1x": "UPDATE {t} SET value = 11 WHERE id = 1",
-                "w1y": "UPDATE {t} SET value = 21 WHERE id = 2",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "w2x": "UPDATE {t} SET value = 12 WHERE id = 1",
-                "w2y": "UPDATE {t} SET value = 22 WHERE id = 2",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "w1x", "w2x", "w1y", "c1", "w2y", "c2"),
-        _g0,
-        about="T1 and T2 both write x and y; the final pair must come from one of them",
-    ),
-    Anomaly(
-        "G1a",
-        "aborted read",
-        {
-            "T1": {"b1": "BEGIN", "w1": "UPDATE {t} SET value = 101 WHERE id = 1", "a1": "ROLLBACK"},
-            "T2": {
-                "b2": "BEGIN",
-                "r2a": "SELECT id, value FROM {t} ORDER BY id",
-                "r2b": "SELECT id, value FROM {t} ORDER BY id",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "w1", "r2a", "a1", "r2b", "c2"),
-        _g1a,
-        about="T2 must never see 101, written by T1 which then aborts",
-    ),
-    Anomaly(
-        "G1b",
-        "intermediate read",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "w1a": "UPDATE {t} SET value = 101 WHERE id = 1",
-                "w1b": "UPDATE {t} SET value = 11 WHERE id = 1",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "r2a": "SELECT id, value FROM {t} ORDER BY id",
-                "r2b": "SELECT id, value FROM {t} ORDER BY id",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "w1a", "r2a", "w1b", "c1", "r2b", "c2"),
-        _g1b,
-        about="T2 must never see 101, T1's value before its final write",
-    ),
-    Anomaly(
-        "G1c",
-        "circular information flow",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "w1": "UPDATE {t} SET value = 11 WHERE id = 1",
-                "r1": "SELECT id, value FROM {t} WHERE id = 2",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "w2": "UPDATE {t} SET value = 22 WHERE id = 2",
-                "r2": "SELECT id, value FROM {t} WHERE id = 1",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "w1", "w2", "r1", "r2", "c1", "c2"),
-        _g1c,
-        about="T1 and T2 must not each see the other's uncommitted write",
-    ),
-    Anomaly(
-        "OTV",
-        "observed transaction vanishes",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "w1x": "UPDATE {t} SET value = 11 WHERE id = 1",
-                "w1y": "UPDATE {t} SET value = 19 WHERE id = 2",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "w2x": "UPDATE {t} SET value = 12 WHERE id = 1",
-                "w2y": "UPDATE {t} SET value = 18 WHERE id = 2",
-                "c2": "COMMIT",
-            },
-            "T3": {
-                "b3": "BEGIN",
-                "r3a": "SELECT id, value FROM {t} WHERE id = 1",
-                "r3b": "SELECT id, value FROM {t} WHERE id = 2",
-                "r3c": "SELECT id, value FROM {t} WHERE id = 2",
-                "r3d": "SELECT id, value FROM {t} WHERE id = 1",
-                "c3": "COMMIT",
-            },
-        },
-        ("b1", "b2", "b3", "w1x", "w1y", "w2x", "c1", "r3a", "w2y", "r3b", "c2", "r3c", "r3d", "c3"),
-        _otv,
-        about="once T3 has seen T1's writes it must not later see values from before T1",
-    ),
-    Anomaly(
-        "PMP",
-        "predicate-many-preceders",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "r1a": "SELECT id, value FROM {t} WHERE value = 30",
-                "r1b": "SELECT id, value FROM {t} WHERE value % 3 = 0",
-                "c1": "COMMIT",
-            },
-            "T2": {"b2": "BEGIN", "i2": "INSERT INTO {t} (id, value) VALUES (3, 30)", "c2": "COMMIT"},
-        },
-        ("b1", "b2", "r1a", "i2", "c2", "r1b", "c1"),
-        _pmp,
-        about="T1's two predicate reads must see the same set of rows",
-    ),
-    Anomaly(
-        "P4",
-        "lost update",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "r1": "SELECT id, value FROM {t} WHERE id = 1",
-                "w1": "UPDATE {t} SET value = 11 WHERE id = 1",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "r2": "SELECT id, value FROM {t} WHERE id = 1",
-                "w2": "UPDATE {t} SET value = 11 WHERE id = 1",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "r1", "r2", "w1", "w2", "c1", "c2"),
-        _p4,
-        about="each reads x = 10 and writes x + 1; if both commit, one increment is lost",
-    ),
-    Anomaly(
-        "G-single",
-        "read skew",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "r1x": "SELECT id, value FROM {t} WHERE id = 1",
-                "r1y": "SELECT id, value FROM {t} WHERE id = 2",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "r2": "SELECT id, value FROM {t} ORDER BY id",
-                "w2x": "UPDATE {t} SET value = 12 WHERE id = 1",
-                "w2y": "UPDATE {t} SET value = 18 WHERE id = 2",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "r1x", "r2", "w2x", "w2y", "c2", "r1y", "c1"),
-        _g_single,
-        about="T2 moves 2 from y to x (sum stays 30); T1 must not see a sum other than 30",
-    ),
-    Anomaly(
-        "G2-item",
-        "write skew",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "r1": "SELECT id, value FROM {t} WHERE id IN (1, 2) ORDER BY id",
-                "w1": "UPDATE {t} SET value = 11 WHERE id = 1",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "r2": "SELECT id, value FROM {t} WHERE id IN (1, 2) ORDER BY id",
-                "w2": "UPDATE {t} SET value = 21 WHERE id = 2",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "r1", "r2", "w1", "w2", "c1", "c2"),
-        _g2_item,
-        about="each reads both rows and writes the one the other did not: no serial order explains it",
-    ),
-    Anomaly(
-        "G2",
-        "anti-dependency cycle",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "r1": "SELECT id, value FROM {t} WHERE value % 3 = 0",
-                "i1": "INSERT INTO {t} (id, value) VALUES (3, 30)",
-                "c1": "COMMIT",
-            },
-            "T2": {
-                "b2": "BEGIN",
-                "r2": "SELECT id, value FROM {t} WHERE value % 3 = 0",
-                "i2": "INSERT INTO {t} (id, value) VALUES (4, 42)",
-                "c2": "COMMIT",
-            },
-        },
-        ("b1", "b2", "r1", "r2", "i1", "i2", "c1", "c2"),
-        _g2,
-        about="each reads a predicate, finds nothing, inserts a row matching the other's predicate",
-    ),
-)
-
-ANOMALIES = tuple(a.key for a in CATALOGUE)
-BY_KEY = {a.key: a for a in CATALOGUE}
-
-
 # ---- the four phenomena of the SQL standard --------------------------------------------------------
 
 
@@ -405,59 +225,50 @@ def _phantom(tr) -> Verdict:
     return Verdict(a != b, f"T1's predicate read {a}, then {b}")
 
 
-PHENOMENA: tuple[Anomaly, ...] = (
-    Anomaly(
-        "dirty_read",
-        "dirty read",
-        {
-            "T1": {"b1": "BEGIN", "w1": "UPDATE {t} SET value = 101 WHERE id = 1", "a1": "ROLLBACK"},
-            "T2": {"b2": "BEGIN", "r2": "SELECT id, value FROM {t} WHERE id = 1", "c2": "COMMIT"},
-        },
-        ("b1", "b2", "w1", "r2", "a1", "c2"),
-        _dirty,
-        about="T2 reads a row T1 changed and has not committed",
+#: key -> (name, what is checked, decision): what an ``Anomaly`` of that key is judged by
+KNOWN: dict[str, tuple[str, str, Callable]] = {
+    "G0": ("dirty write", "T1 and T2 both write x and y; the final pair must come from one of them", _g0),
+    "G1a": ("aborted read", "T2 must never see 101, written by T1 which then aborts", _g1a),
+    "G1b": ("intermediate read", "T2 must never see 101, T1's value before its final write", _g1b),
+    "G1c": ("circular information flow", "T1 and T2 must not each see the other's uncommitted write", _g1c),
+    "OTV": (
+        "observed transaction vanishes",
+        "once T3 has seen T1's writes it must not later see values from before T1",
+        _otv,
     ),
-    Anomaly(
-        "nonrepeatable_read",
-        "non-repeatable read",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "r1a": "SELECT id, value FROM {t} WHERE id = 1",
-                "r1b": "SELECT id, value FROM {t} WHERE id = 1",
-                "c1": "COMMIT",
-            },
-            "T2": {"b2": "BEGIN", "w2": "UPDATE {t} SET value = 11 WHERE id = 1", "c2": "COMMIT"},
-        },
-        ("b1", "b2", "r1a", "w2", "c2", "r1b", "c1"),
-        _nonrepeatable,
-        about="T1 reads a row twice; T2 changes it and commits in between",
-    ),
-    Anomaly(
-        "phantom_read",
-        "phantom read",
-        {
-            "T1": {
-                "b1": "BEGIN",
-                "r1a": "SELECT id, value FROM {t} WHERE value > 15 ORDER BY id",
-                "r1b": "SELECT id, value FROM {t} WHERE value > 15 ORDER BY id",
-                "c1": "COMMIT",
-            },
-            "T2": {"b2": "BEGIN", "i2": "INSERT INTO {t} (id, value) VALUES (3, 30)", "c2": "COMMIT"},
-        },
-        ("b1", "b2", "r1a", "i2", "c2", "r1b", "c1"),
-        _phantom,
-        about="T1 runs a predicate query twice; T2 inserts a matching row and commits in between",
-    ),
-    Anomaly(
-        "serialization_anomaly",
-        "serialization anomaly",
-        BY_KEY["G2-item"].sessions,
-        BY_KEY["G2-item"].permutation,
+    "PMP": ("predicate-many-preceders", "T1's two predicate reads must see the same set of rows", _pmp),
+    "P4": ("lost update", "each reads x = 10 and writes x + 1; if both commit, one increment is lost", _p4),
+    "G-single": ("read skew", "T2 moves 2 from y to x (sum stays 30); T1 must not see a sum other than 30", _g_single),
+    "G2-item": (
+        "write skew",
+        "each reads both rows and writes the one the other did not: no serial order explains it",
         _g2_item,
-        about="write skew: committed result no serial order gives",
     ),
-)
+    "G2": (
+        "anti-dependency cycle",
+        "each reads a predicate, finds nothing, inserts a row matching the other's predicate",
+        _g2,
+    ),
+    # the four phenomena of the SQL standard
+    "dirty_read": ("dirty read", "T2 reads a row T1 changed and has not committed", _dirty),
+    "nonrepeatable_read": (
+        "non-repeatable read",
+        "T1 reads a row twice; T2 changes it and commits in between",
+        _nonrepeatable,
+    ),
+    "phantom_read": (
+        "phantom read",
+        "T1 runs a predicate query twice; T2 inserts a matching row and commits in between",
+        _phantom,
+    ),
+    "serialization_anomaly": (
+        "serialization anomaly",
+        "write skew: a committed result no serial order gives",
+        _g2_item,
+    ),
+}
+ANOMALIES = ("G0", "G1a", "G1b", "G1c", "OTV", "PMP", "P4", "G-single", "G2-item", "G2")
+PHENOMENA = ("dirty_read", "nonrepeatable_read", "phantom_read", "serialization_anomaly")
 
 # What the SQL standard *allows* at each level (True = the phenomenon may occur): for comparison
 # with the measured verdicts, never used to reach them.
@@ -492,45 +303,39 @@ STANDARD_ALLOWS = {
 # ---- running ---------------------------------------------------------------------------------------
 
 
-def table_name(schema: str, anomaly: Anomaly, level: str) -> str:
-    """``<schema>.<anomaly>_<level>``, e.g. ``wb_isolation.g2_item_serializable``."""
-    slug = re.sub(r"[^a-z0-9]+", "_", f"{anomaly.key}_{level}".lower()).strip("_")
-    return f"{schema}.{slug}"
+def table_name(anomaly: Anomaly, level: str) -> str:
+    """``<anomaly>_<level>`` in lower case, e.g. ``g2_item_ser``: each run's own table in the schema."""
+    return re.sub(r"[^a-z0-9]+", "_", f"{anomaly.key}_{_ABBREV[level]}".lower()).strip("_")
 
 
-def scenario(anomaly: Anomaly, level: str, schema: str, *, lock_timeout: str = "3s"):
-    """The ``Scenario`` for one anomaly at one level, on its own table, with a verifier step ``final``."""
-    from .sessions import Scenario
+def scenario(anomaly: Anomaly, level: str, schema: str, *, lock_timeout: str = "3s") -> Scenario:
+    """The ``Scenario`` for one anomaly at one level, on its own table, with a verifier step ``final``.
 
-    t = table_name(schema, anomaly, level)
-    values = ", ".join(f"({i}, {v})" for i, v in anomaly.rows)
-    sessions = {
-        name: {"isolation": level, "steps": {step: sql.format(t=t) for step, sql in steps.items()}}
-        for name, steps in anomaly.sessions.items()
-    }
-    sessions["V"] = {"steps": {"final": f"SELECT id, value FROM {t} ORDER BY id"}}
-    return Scenario(
-        name=f"{anomaly.key}_{level}".replace(" ", "_").replace("-", "_").lower(),
-        setup=[
-            f"DROP TABLE IF EXISTS {t}",
-            f"CREATE TABLE {t} (id int PRIMARY KEY, value int NOT NULL)",
-            f"INSERT INTO {t} (id, value) VALUES {values}",
-        ],
-        teardown=[f"DROP TABLE IF EXISTS {t}"],
-        sessions=sessions,
+    Its name carries this kernel's suffix, so two kernels running the catalogue at once never share an
+    application_name.
+    """
+    t = table_name(anomaly, level)
+    return Scenario.from_script(
+        f"{t}_{scratch_suffix()}",
+        f"{anomaly.script}\n{FINAL}",
+        setup=["DROP TABLE IF EXISTS {t}", *SETUP],
+        teardown=["DROP TABLE IF EXISTS {t}"],
+        isolation={s: level for s in anomaly.sessions},
+        names={"t": (schema, t)},
         lock_timeout=lock_timeout,
     )
 
 
-def run(anomaly: Anomaly | str, level: str, schema: str) -> Run:
+def run(anomaly: Anomaly, level: str, schema: str) -> Run:
     """Run one anomaly at one level and decide, from the transcript, whether it occurred and how it was prevented."""
-    anomaly = BY_KEY[anomaly] if isinstance(anomaly, str) else anomaly
-    tr = scenario(anomaly, level, schema).run([*anomaly.permutation, "final"])
+    tr = scenario(anomaly, level, schema).run()
     verdict = anomaly.decide(tr)
     return Run(anomaly, level, verdict, how(tr, verdict.occurred), tr)
 
 
-def run_all(schema: str, catalogue=CATALOGUE, levels=LEVELS, *, parallel: int = 1) -> dict[tuple[str, str], Run]:
+def run_all(
+    schema: str, catalogue: tuple[Anomaly, ...], levels=ISOLATION_LEVELS, *, parallel: int = 1
+) -> dict[tuple[str, str], Run]:
     """Every anomaly of ``catalogue`` at every level: {(anomaly key, level): Run}.
 
     ``parallel`` > 1 runs that many scenarios at a time: each has its own table and connections,

@@ -146,26 +146,49 @@ def _conflicts(database: str | None, setup: list[str], hold, request, modes: lis
     return out
 
 
+def _probe_table(schema: str):
+    from psycopg import sql
+
+    return sql.Identifier(schema, "conflict_probe")
+
+
 def table_conflicts(schema: str, database: str | None = None) -> pd.DataFrame:
     """Measured 8x8 table-lock conflicts: one session holds ``LOCK TABLE ... IN <held> MODE``, another asks NOWAIT."""
-    t = f"{schema}.conflict_probe"
+    from psycopg import sql
+
+    t = _probe_table(schema)
+    # the mode's words come from MODES only (lock_sql refuses anything else): keywords, not values
     return _conflicts(
         database,
-        [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)"],
-        lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE",
-        lambda m: f"LOCK TABLE {t} IN {lock_sql(m)} MODE NOWAIT",
+        [sql.SQL("DROP TABLE IF EXISTS {}").format(t), sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(t)],
+        lambda m: sql.SQL("LOCK TABLE {} IN {} MODE").format(t, sql.SQL(lock_sql(m))),
+        lambda m: sql.SQL("LOCK TABLE {} IN {} MODE NOWAIT").format(t, sql.SQL(lock_sql(m))),
         MODES,
     )
 
 
+def _row_mode(mode: str):
+    from psycopg import sql
+
+    if mode not in ROW_LOCK_MODES:
+        raise ValueError(f"unknown row lock mode {mode!r}; expected one of {ROW_LOCK_MODES}")
+    return sql.SQL(mode)
+
+
 def row_conflicts(schema: str, database: str | None = None) -> pd.DataFrame:
     """Measured 4x4 row-lock conflicts: ``SELECT ... <held>`` on a row, then ``SELECT ... <requested> NOWAIT``."""
-    t = f"{schema}.conflict_probe"
+    from psycopg import sql
+
+    t = _probe_table(schema)
     return _conflicts(
         database,
-        [f"DROP TABLE IF EXISTS {t}", f"CREATE TABLE {t} (id int PRIMARY KEY)", f"INSERT INTO {t} VALUES (1)"],
-        lambda m: f"SELECT id FROM {t} WHERE id = 1 {m}",
-        lambda m: f"SELECT id FROM {t} WHERE id = 1 {m} NOWAIT",
+        [
+            sql.SQL("DROP TABLE IF EXISTS {}").format(t),
+            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(t),
+            sql.SQL("INSERT INTO {} VALUES (1)").format(t),
+        ],
+        lambda m: sql.SQL("SELECT id FROM {} WHERE id = 1 {}").format(t, _row_mode(m)),
+        lambda m: sql.SQL("SELECT id FROM {} WHERE id = 1 {} NOWAIT").format(t, _row_mode(m)),
         ROW_LOCK_MODES,
     )
 
@@ -173,13 +196,20 @@ def row_conflicts(schema: str, database: str | None = None) -> pd.DataFrame:
 def locks_taken(
     statements: dict[str, str], setup: list[str] = (), database: str | None = None, schema: str | None = None
 ) -> pd.DataFrame:
-    """The relation locks each statement takes (run in its own rolled-back transaction): statement, relation, mode."""
+    """The relation locks each statement takes (run in its own rolled-back transaction): statement, relation, mode.
+
+    With ``schema``, only locks on that schema's relations are kept, and the session's ``search_path`` is that
+    schema, so the statements name their tables without it.
+    """
     import psycopg
+    from psycopg import sql
 
     from .database import psycopg_conninfo
 
     rows = []
     with psycopg.connect(**psycopg_conninfo(database), autocommit=True, application_name="wb_locks_taken") as conn:
+        if schema:
+            conn.execute("SELECT set_config('search_path', %s, false)", (sql.Identifier(schema).as_string(conn),))
         for stmt in setup:
             conn.execute(stmt)
         for label, sql in statements.items():

@@ -1,7 +1,12 @@
-"""Retrying a whole transaction when PostgreSQL says "try again": 40001 and 40P01.
+"""Retrying a whole transaction when PostgreSQL says "try again": 40001, 40P01, 23505, 23P01.
 
 A serialization failure (``40001``) or a deadlock (``40P01``) means the transaction was rolled
-back and running it again may succeed. ``retry`` re-runs the *whole* transaction (the callable
+back and running it again may succeed. PostgreSQL's documentation (§13.5, "Serialization Failure
+Handling") advises retrying unique-key (``23505``) and exclusion-constraint (``23P01``) violations
+too: when two transactions insert the same key after each checked that it was free, the loser's
+error is a serialization failure in disguise, and on its retry the check sees the winner's row and
+takes the other branch. (A retry of a transaction whose key is simply taken fails the same way each
+time and is raised after ``attempts``.) ``retry`` re-runs the *whole* transaction (the callable
 must open and close its own, e.g. ``with engine.begin() as conn:``) with exponential backoff and
 full jitter, a bounded number of times; any other error is raised at once::
 
@@ -18,7 +23,15 @@ import random
 import time
 from collections.abc import Callable
 
-RETRYABLE = frozenset({"40001", "40P01"})
+#: what to retry, by SQLSTATE (``anomalies.PREVENTED_BY`` is another thing: how an anomaly was prevented)
+RETRYABLE = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "23505",  # unique_violation: may be a serialization failure in disguise (PostgreSQL docs §13.5)
+        "23P01",  # exclusion_violation: likewise
+    }
+)
 
 
 def sqlstate(exc: BaseException | None) -> str | None:
@@ -34,7 +47,7 @@ def sqlstate(exc: BaseException | None) -> str | None:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """True for a serialization failure (40001) or a deadlock (40P01)."""
+    """True for a serialization failure (40001), a deadlock (40P01), or a unique/exclusion violation (23505, 23P01)."""
     return sqlstate(exc) in RETRYABLE
 
 
@@ -48,15 +61,17 @@ def retry(
     fn: Callable | None = None,
     *,
     attempts: int = 5,
+    also: tuple[type[BaseException], ...] = (),
     base: float = 0.005,
     cap: float = 0.25,
     on_retry: Callable[[int, BaseException, float], object] | None = None,
     rng: random.Random | None = None,
     sleep: Callable[[float], object] = time.sleep,
 ):
-    """Run ``fn`` again on 40001/40P01, at most ``attempts`` times in all, backing off with jitter.
+    """Run ``fn`` again on a ``RETRYABLE`` SQLSTATE, at most ``attempts`` times in all, backing off with jitter.
 
-    Used bare (``@retry``), with options (``@retry(attempts=3)``) or as a call
+    ``also``: exception types to retry besides the SQLSTATEs, e.g. SQLAlchemy's ``StaleDataError`` (an
+    optimistic version check that lost) or an exception of your own. Used bare (``@retry``), with options (``@retry(attempts=3)``) or as a call
     (``retry(fn, attempts=3)(*args)``). ``on_retry(attempt, exc, delay)`` is called before each
     wait. When the attempts run out the last error is raised, with a note saying how many were made.
     """
@@ -70,10 +85,11 @@ def retry(
                 try:
                     return func(*args, **kwargs)
                 except Exception as exc:
-                    if not is_retryable(exc):
+                    if not (is_retryable(exc) or isinstance(exc, also)):
                         raise
                     if attempt == attempts:
-                        exc.add_note(f"retry: gave up after {attempts} attempts (SQLSTATE {sqlstate(exc)})")
+                        why = f"SQLSTATE {sqlstate(exc)}" if sqlstate(exc) else type(exc).__name__
+                        exc.add_note(f"retry: gave up after {attempts} attempts ({why})")
                         raise
                     delay = backoff(attempt, base=base, cap=cap, rng=rng)
                     if on_retry is not None:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from helpers import Scenario, lab_schema, setup
-from helpers.sessions import ScenarioError
+from helpers.scenario import ScenarioError
 
 
 @pytest.fixture(scope="module")
@@ -188,14 +188,14 @@ def test_bad_scenarios_are_refused():
         Scenario("x", sessions={"A": {"steps": {"s": "SELECT 1"}}}).run(["nope"])
 
 
-def leftovers(engine, sc: Scenario) -> tuple[int, int]:
+def leftovers(engine, sc: Scenario, tr) -> tuple[int, int]:
     with engine.connect() as conn:
         act = conn.execute(
             text("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :p"),
             {"p": f"wb_scenario_{sc.name}_%"},
         ).scalar()
         lk = conn.execute(
-            text("SELECT count(*) FROM pg_locks WHERE pid = ANY(:pids)"), {"pids": list(sc.pids.values())}
+            text("SELECT count(*) FROM pg_locks WHERE pid = ANY(:pids)"), {"pids": list(tr.pids.values())}
         ).scalar()
     return act, lk
 
@@ -215,13 +215,14 @@ def test_no_connection_transaction_or_lock_remains(schema):
     )
     tr = sc.run(["a0", "a1", "b0", "b1"])
     assert tr.waited("b1") and tr.sqlstate("b1") == "55P03"
-    assert len(sc.pids) == 2 and leftovers(engine, sc) == (0, 0)
+    assert len(tr.pids) == 2 and leftovers(engine, sc, tr) == (0, 0)
+    assert not hasattr(sc, "pids") and not hasattr(sc, "_results")  # the spec keeps nothing of its run
     with engine.connect() as conn:  # teardown ran although a transaction was left open
         assert conn.execute(text("SELECT to_regclass(:t)"), {"t": t}).scalar() is None
     bad = Scenario("t_left", ["SELECT no_such_column"], down, {"A": {"steps": {"a": "SELECT 1"}}})
     with pytest.raises(Exception, match="no_such_column"):
         bad.run()
-    assert leftovers(engine, sc) == (0, 0)
+    assert leftovers(engine, sc, tr) == (0, 0)
 
 
 def test_same_scenario_same_transcript_20_times_with_the_other_core_busy(schema):
@@ -271,3 +272,103 @@ def test_same_scenario_same_transcript_20_times_with_the_other_core_busy(schema)
     assert t0.waited("u2") and t0.blocked_by("u2") == ["T1"]
     assert t0.waited("u3") and t0.blocked_by("u3") == ["T1"] and t0.sqlstate("u3") is None
     assert t0.value("r2") == 111
+
+
+SCRIPT = """
+    setup: CREATE TABLE t_script (id int PRIMARY KEY, v int)
+    setup: INSERT INTO t_script VALUES (1, 10), (2, 20)
+    T1: BEGIN
+    T2: BEGIN
+    T1: SELECT v FROM t_script WHERE id = 1        -- r1
+    T2: SELECT v FROM t_script WHERE id = 1        -- r2
+    T1: UPDATE t_script SET v = 11 WHERE id = 1    -- w1
+    T2: UPDATE t_script
+          SET v = %(v)s WHERE id = 1               -- w2
+    T1: COMMIT
+    T2: COMMIT
+    V: SELECT v FROM t_script WHERE id = 1         -- final
+    teardown: DROP TABLE t_script
+"""
+
+
+def test_an_ordered_script_is_the_permutation_and_reads_like_hermitage(schema):
+    sc = Scenario.from_script(
+        "t_script",
+        SCRIPT,
+        schema=schema,
+        isolation={"T1": "repeatable read", "T2": "repeatable read"},
+        params={"v": 12},
+    )
+    assert sc.permutation == ["t1_1", "t2_1", "r1", "r2", "w1", "w2", "t1_4", "t2_4", "final"]
+    assert sc.sessions["T1"]["isolation"] == "repeatable read" and sc.sessions["V"]["isolation"] is None
+    assert sc.sessions["T2"]["steps"]["w2"] == ("UPDATE t_script\nSET v = %(v)s WHERE id = 1", {"v": 12})
+    tr = sc.run()
+    assert tr.waited("w2") and tr.blocked_by("w2") == ["T1"] and tr.sqlstate("w2") == "40001"
+    assert tr.value("final") == 11
+    # the same steps in another order: T1 commits before T2 reads, so T2 sees 11 and its write wins
+    other = sc.run(["t1_1", "r1", "w1", "t1_4", "t2_1", "r2", "w2", "t2_4", "final"])
+    assert other.value("r2") == 11 and not other.waited("w2") and other.value("final") == 12
+    again = Scenario.from_script(
+        "t_script",
+        sc.script(),
+        schema=schema,
+        params={"v": 12},
+        isolation={"T1": "repeatable read", "T2": "repeatable read"},
+    )
+    assert again.run().signature() == tr.signature()
+
+
+def test_identifiers_are_quoted_not_pasted(schema):
+    sc = Scenario.from_script(
+        "t_names",
+        """
+        setup: CREATE TABLE {t} (id int PRIMARY KEY)
+        A: SELECT count(*) FROM {t}   -- n
+        teardown: DROP TABLE {t}
+        """,
+        names={"t": (schema, "Odd Name")},
+    )
+    tr = sc.run()
+    assert tr.value("n") == 0 and f'"{schema}"."Odd Name"' in tr.df.loc[0, "sql"]
+
+
+def test_bad_scripts_are_refused():
+    with pytest.raises(ScenarioError, match="expected"):
+        Scenario.from_script("x", "T1 UPDATE t SET v = 1")
+    with pytest.raises(ScenarioError, match="used twice"):
+        Scenario.from_script("x", "T1: SELECT 1  -- a\nT2: SELECT 2  -- a")
+    with pytest.raises(ScenarioError, match="expected"):
+        Scenario.from_script("x", "  SELECT 1\nT1: SELECT 2")
+
+
+def test_a_wait_on_a_backend_outside_the_scenario_is_not_a_block_of_the_script(schema):
+    """pg_blocking_pids is filtered to the scenario's own backends (as in PostgreSQL's isolation tester)."""
+    import threading
+
+    import psycopg
+
+    from helpers import psycopg_conninfo
+
+    sc = Scenario.from_script(
+        "t_outside",
+        """
+        A: BEGIN
+        A: SELECT id FROM t_outside WHERE id = 1 FOR UPDATE   -- take
+        A: COMMIT
+        """,
+        schema=schema,
+    )
+    with psycopg.connect(**psycopg_conninfo(), autocommit=True) as outsider:
+        outsider.execute(f"CREATE TABLE {schema}.t_outside (id int PRIMARY KEY)")
+        outsider.execute(f"INSERT INTO {schema}.t_outside VALUES (1)")
+        try:
+            outsider.execute("BEGIN")
+            outsider.execute(f"SELECT id FROM {schema}.t_outside WHERE id = 1 FOR UPDATE")
+            release = threading.Timer(0.5, outsider.execute, ["ROLLBACK"])  # the outsider lets go on its own
+            release.start()
+            tr = sc.run()
+            release.join()
+        finally:
+            outsider.execute(f"DROP TABLE IF EXISTS {schema}.t_outside")
+    assert tr.sqlstate("take") is None and tr.value("take") == 1
+    assert not tr.waited("take") and tr.blocked_by("take") == []
