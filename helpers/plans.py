@@ -56,6 +56,7 @@ COLUMNS = [
     "rows_removed_by_filter",
     "rows_removed_by_recheck",
     "heap_fetches",
+    "index_searches",  # PostgreSQL 18+: descents into the index (a skip scan makes several); None before
     "workers_launched",
     "scan_direction",
     "condition",
@@ -146,7 +147,9 @@ class Plan:
     def scans(self) -> pd.DataFrame:
         """The nodes that read a relation: (node_type, relation, index)."""
         df = self.nodes[self.nodes["relation"].notna()]
-        return df[["id", "node_type", "relation", "index", "actual_rows_total", "plan_rows", "heap_fetches"]]
+        return df[
+            ["id", "node_type", "relation", "index", "actual_rows_total", "plan_rows", "heap_fetches", "index_searches"]
+        ]
 
     def hottest(self, n: int = 3) -> pd.DataFrame:
         """The n nodes with the most exclusive time."""
@@ -439,6 +442,7 @@ def _node_table(root: dict) -> pd.DataFrame:
                 "rows_removed_by_filter": None if removed is None or loops is None else float(removed) * float(loops),
                 "rows_removed_by_recheck": None if recheck is None or loops is None else float(recheck) * float(loops),
                 "heap_fetches": n.get("Heap Fetches"),
+                "index_searches": n.get("Index Searches"),
                 "workers_launched": n.get("Workers Launched"),
                 "scan_direction": n.get("Scan Direction"),
                 "condition": cond or None,
