@@ -49,7 +49,8 @@ _LAZY = {
     "monitoring": "helpers.monitoring",
     "schema_database": "helpers.testdb",
     "copied_database": "helpers.testdb",
-    "bulk": "helpers.bulk",
+    "bulk": "helpers.bulk",  # chapter 07: bulk-load instruments (sweep, rates, peak memory)
+    "rawsql": "helpers.rawsql",  # chapter 07: its scratch tables, sql_of, EXPLAIN and prepared-statement views
     "pooling": "helpers.pooling",
     "pgbouncer": "helpers.pgbouncer",
     "latency": "helpers.latency",
@@ -150,6 +151,7 @@ __all__ = [
     "WorkbookError",
     "anomalies",
     "bulk",
+    "rawsql",
     "ddl",
     "pgbouncer",
     "pooling",
