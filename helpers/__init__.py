@@ -72,7 +72,8 @@ _LAZY = {
     "loadgen": "helpers.loadgen",  # chapter 06: a bounded load of readers, writers and inserters
     "migrate": "helpers.migrate",  # chapter 06: the Alembic project, its SQL, squawk
     "alembic_config": "helpers.migrate",
-    "bulk": "helpers.bulk",
+    "rawsql": "helpers.rawsql",  # chapter 07: scratch tables and statement instruments
+    "bulk": "helpers.bulk",  # chapter 07: bulk-load instruments
     "monitoring": "helpers.monitoring",
     "pooling": "helpers.pooling",  # chapter 05 reads its names through the module: pooling.pool_status(...)
     "pgbouncer": "helpers.pgbouncer",
