@@ -16,8 +16,8 @@ ROOTFLAG = $(if $(filter 0,$(VENV_UID)),--allow-root,)
 PG15_BIN ?= /usr/lib/postgresql/15/bin
 export PLOOMBER_STATS_ENABLED := false
 NBMAKE := --nbmake --nbmake-timeout=300
-# chapters whose behaviour depends on the server's major version (plans, DDL locks)
-VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/06_zero_downtime_migrations.ipynb notebooks/07_raw_sql_vs_orm.ipynb
+# chapters whose behaviour depends on the server's major version (plans, transaction_timeout, DDL locks, RETURNING old/new)
+VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/03_transactions_and_locking.ipynb notebooks/06_zero_downtime_migrations.ipynb notebooks/07_raw_sql_vs_orm.ipynb
 
 .PHONY: help venv run lab test test-unit test-browser test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
 
