@@ -175,3 +175,15 @@ def save(fig, name: str) -> str:
     path = output_dir("plots") / f"{name}.png"
     write_whole(path, lambda fh: fig.savefig(fh, format="png"))
     return str(path)
+
+
+def show(fig, name: str) -> None:
+    """Save ``fig`` as ``output/plots/<name>.png`` (``save``), display that file, and close the figure.
+
+    The figure is rendered once, for the file, and the notebook shows exactly what was saved.
+    """
+    from IPython.display import Image, display
+
+    path = save(fig, name)
+    plt.close(fig)
+    display(Image(filename=path))
