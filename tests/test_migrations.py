@@ -62,6 +62,29 @@ def test_round_trip_upgrade_downgrade_upgrade(migtest):
     command.downgrade(cfg, "base")
 
 
+def test_stairway_every_revision_up_down_up(migtest):
+    """The stairway: each revision upgraded, downgraded and upgraded again, one step at a time, so a
+    downgrade that leaves something behind (or removes too much) fails at its own revision, not at the end."""
+    cfg = alembic_config(migtest)
+    command.downgrade(cfg, "base")
+    script = ScriptDirectory.from_config(cfg)
+    chain = [r.revision for r in reversed(list(script.walk_revisions()))]  # 0001 ... head
+    climbed = []
+    for i, rev in enumerate(chain):
+        below = chain[i - 1] if i else None
+        command.upgrade(cfg, rev)
+        after_up = user_tables(migtest), {c["name"] for c in inspect(migtest).get_columns("users")}
+        command.downgrade(cfg, below or "base")
+        assert current_revision(migtest) == below, f"{rev}: downgrade did not return to {below}"
+        command.upgrade(cfg, rev)
+        assert current_revision(migtest) == rev
+        again = user_tables(migtest), {c["name"] for c in inspect(migtest).get_columns("users")}
+        assert again == after_up, f"{rev}: up, down, up does not give the same schema"
+        climbed.append(rev)
+    assert climbed == chain and climbed[-1] == script.get_current_head()
+    command.downgrade(cfg, "base")
+
+
 def test_revision_1_matches_the_models(migtest):
     cfg = alembic_config(migtest)
     command.downgrade(cfg, "base")
