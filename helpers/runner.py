@@ -108,8 +108,9 @@ def _our_kernel(pid: int) -> bool:
 class _Execution:
     """One notebook executing in a worker thread; the main thread waits and can stop it."""
 
-    def __init__(self, client):
+    def __init__(self, client, stderr=None):
         self.client = client
+        self.stderr = stderr  # the kernel process's own stderr (not its cells' output): a file of the run
         self.cell: int | None = None
         self.kernel_pid: int | None = None
         self.error: BaseException | None = None
@@ -127,7 +128,7 @@ class _Execution:
 
     def _run(self):
         try:
-            self.client.execute()
+            self.client.execute(**({"stderr": self.stderr} if self.stderr is not None else {}))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
 
@@ -293,7 +294,12 @@ def _run_one(path: Path, out: Path, run_dir: Path, timeout: int) -> int:
         resources={"metadata": {"path": str(path.parent)}},
         extra_arguments=["--IPKernelApp.log_level=ERROR"],
     )
-    run = _Execution(client)
+    # the kernel process's own stderr goes to a file of the run: what a kernel prints while it is shut down
+    # (asyncio's "Task was destroyed but it is pending!") is not the learner's business; a crash's last words
+    # are shown with the failure below. Cells' output reaches the notebook as always.
+    kernel_log = run_dir / f"{path.stem}.kernel.log"
+    kernel_stderr = open(kernel_log, "w")  # noqa: SIM115 - closed below, after the kernel is gone
+    run = _Execution(client, stderr=kernel_stderr)
     client.on_cell_start = run.on_cell_start
     t0 = time.perf_counter()
     run.start()
@@ -302,6 +308,7 @@ def _run_one(path: Path, out: Path, run_dir: Path, timeout: int) -> int:
         run.stop()
     # signals from here on are only noted: the cleanup and the executed copy finish first (bounded)
     run.ensure_kernel_gone()
+    kernel_stderr.close()
     cleaned = _cleanup(run.kernel_pid, record)
     seconds = time.perf_counter() - t0
     if stopped_by is not None:
@@ -326,6 +333,10 @@ def _run_one(path: Path, out: Path, run_dir: Path, timeout: int) -> int:
         print(f" FAILED in cell {idx} after {seconds:.1f}s: {_error_line(run.error)}{after}")
         if idx is not None:
             print("---- cell source ----\n" + nb.cells[idx].source[:1500])
+        if _error_cell(nb) is None:  # no cell failed: the kernel itself died; its last words, if any
+            last = [ln for ln in kernel_log.read_text(errors="replace").splitlines() if ln.strip()][-5:]
+            if last:
+                print("---- the kernel's last words ----\n" + "\n".join(last))
         print(f"executed copy: {out / path.name}")
         return 1
     print(f" ok in {seconds:.1f}s{after}")

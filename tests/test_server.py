@@ -86,6 +86,9 @@ def test_taken_port_is_avoided_or_reported(state_dir):
     port = _status(env)["port"]
     assert run_helpers("db", "stop", env=env).returncode == 0
     blocker = socket.socket()
+    # the stopped server's closed connections may leave the port in TIME_WAIT for a minute; SO_REUSEADDR
+    # binds through that (it never lets two listeners share a port, which is what this test needs)
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     blocker.bind(("127.0.0.1", port))
     blocker.listen()
     try:
