@@ -117,14 +117,85 @@ def _tcp_answers(host: str, port: str) -> bool:
         return False
 
 
+DATABASE_LOCK_WAIT = 600  # seconds a connection waits behind a copy of its database (minutes at `large`)
+
+# A session holding one of these on a database's object (CREATE DATABASE ... TEMPLATE it, ALTER
+# DATABASE) makes every new connection to that database wait in its startup, as a lock wait.
+_CONNECT_BLOCKING = ("ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
+
+
+def database_lock_holder(url: URL) -> tuple[int, str] | None:
+    """``(pid, what it runs)`` of a session whose lock on ``url``'s database holds new connections back, or None.
+
+    Asked through the ``postgres`` database, which that lock does not hold back.
+    """
+    if url.database in (None, "postgres"):
+        return None
+    try:
+        with psycopg.connect(**libpq_kwargs(url.set(database="postgres")), autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT l.pid, coalesce(nullif(a.query, ''), a.backend_type, '?') FROM pg_locks l "
+                "JOIN pg_database d ON d.oid = l.objid "
+                "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'object' AND l.classid = 'pg_database'::regclass AND l.granted "
+                "AND l.mode = ANY(%s) AND d.datname = %s ORDER BY l.pid LIMIT 1",
+                (list(_CONNECT_BLOCKING), url.database),
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    return (int(row[0]), " ".join(str(row[1]).split())[:160]) if row else None
+
+
+def _connect_behind_lock(url: URL, kw: dict, limit: float) -> bool:
+    """After a connect timed out: while a session's lock on the database holds connections back, keep
+    connecting (bounded by ``limit`` seconds); True once connected, False when no such lock is held.
+
+    A second learner's kernel connecting while the first one copies the seeded database into the
+    clones' template waits for that copy, as PostgreSQL makes it; it is not a dead server.
+    """
+    import time
+
+    deadline = time.monotonic() + limit
+    holder = database_lock_holder(url)
+    saw_a_holder = holder is not None
+    while holder is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WorkbookError(
+                f"Waited {limit:.0f} s to connect to {masked(url)}: session {holder[0]} holds a lock on that "
+                f"database that keeps new connections out (it runs: {holder[1]}). Let it finish, or end it "
+                f"with SELECT pg_terminate_backend({holder[0]}) from another database, then run the cell again."
+            )
+        try:
+            with psycopg.connect(**dict(kw, connect_timeout=max(2, min(30, int(left))))):
+                return True
+        except psycopg.OperationalError as exc:
+            if "timeout expired" not in str(exc).lower():
+                return False  # another failure: check_connection's advice says what to do
+        holder = database_lock_holder(url)
+    if saw_a_holder:  # the lock went away between the timeout and the question: connect once more
+        try:
+            with psycopg.connect(**kw):
+                return True
+        except psycopg.OperationalError:
+            return False
+    return False
+
+
 def check_connection(url: URL) -> None:
-    """Connect once and turn the usual failures into one paragraph saying what to do."""
+    """Connect once and turn the usual failures into one paragraph saying what to do.
+
+    A connect that times out because another session's lock on the database holds it back (a copy
+    of the database in progress) waits for that session, at most ``DATABASE_LOCK_WAIT`` seconds.
+    """
     where = masked(url)
     kw = libpq_kwargs(url)
     try:
         with psycopg.connect(**kw):
             return
     except psycopg.OperationalError as exc:
+        if "timeout expired" in str(exc).lower() and _connect_behind_lock(url, kw, DATABASE_LOCK_WAIT):
+            return
         text = str(exc).strip()
         msg = text.splitlines()[0] if text else repr(exc)
         low = text.lower()

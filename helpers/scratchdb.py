@@ -28,20 +28,33 @@ _CLONE_LOCK = 0x514F5743  # pg_advisory_lock key: one maker of the template per 
 
 
 def _copy_database(admin, name: str, source: str) -> bool:
-    """CREATE DATABASE name TEMPLATE source; False when sessions on source prevent the copy."""
-    for _ in range(3):
-        try:
-            admin.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source))
-            )
-            return True
-        except psycopg.errors.ObjectInUse:
-            time.sleep(0.2)
-        except psycopg.errors.InsufficientPrivilege:
-            raise WorkbookError(
-                f"Cannot create the scratch database {name!r}: this role lacks CREATEDB. Ask the server's "
-                "administrator for CREATEDB (ALTER ROLE ... CREATEDB) or run the chapter on the embedded server."
-            ) from None
+    """CREATE DATABASE name TEMPLATE source; False when sessions on source prevent the copy.
+
+    Tried only when nobody else is connected to ``source``: the copy locks ``source`` against new
+    connections while it runs, and waits up to 5 s for other sessions to leave before it fails. With
+    another learner at work there, the caller builds the database another way instead of holding
+    that learner's connections back (``helpers.database.check_connection`` waits out a copy in
+    progress, bounded, and names it).
+    """
+    deadline = time.monotonic() + 1.0  # the backends of connections this process just closed are exiting
+    while admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend' "
+        "AND pid <> pg_backend_pid()",
+        (source,),
+    ).fetchone()[0]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    try:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source)))
+        return True
+    except psycopg.errors.ObjectInUse:  # a session arrived in between
+        pass
+    except psycopg.errors.InsufficientPrivilege:
+        raise WorkbookError(
+            f"Cannot create the scratch database {name!r}: this role lacks CREATEDB. Ask the server's "
+            "administrator for CREATEDB (ALTER ROLE ... CREATEDB) or run the chapter on the embedded server."
+        ) from None
     return False
 
 

@@ -57,3 +57,84 @@ def test_where_shows_the_servers_changed_settings_and_the_readme_lists_each(engi
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     unlisted = [name for name in changed if f"`{name.lower()} = " not in readme.lower()]
     assert not unlisted, f"where() shows settings the README does not list: {unlisted}"
+
+
+# ----------------------------------------------------------------------------- a connect behind a copy
+def _held_back_database(admin_kw: dict, name: str):
+    """A fresh database and a transaction holding it against new connections, as a copy of it does
+    (``ALTER DATABASE ... RENAME`` takes the same kind of lock and keeps it until rollback)."""
+    with psycopg.connect(**admin_kw, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    holder = psycopg.connect(**admin_kw)
+    holder.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(name + "_x")))
+    return holder
+
+
+def _someone_waits_to_connect(admin_kw: dict, name: str) -> bool:
+    with psycopg.connect(**admin_kw, autocommit=True) as conn:
+        return bool(
+            conn.execute(
+                "SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.objid WHERE l.locktype = 'object' "
+                "AND l.classid = 'pg_database'::regclass AND NOT l.granted AND d.datname = %s",
+                (name,),
+            ).fetchone()
+        )
+
+
+def _drop(admin_kw: dict, name: str) -> None:
+    with psycopg.connect(**admin_kw, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_connect_held_back_by_a_lock_on_its_database_waits_for_it_then_connects(engine):
+    """A second kernel connecting while the first copies the database is not told the server is dead."""
+    import threading
+    import time
+
+    from helpers import scratch_suffix
+    from helpers.database import check_connection
+
+    base = database_url()
+    admin_kw = libpq_kwargs(base.set(database="postgres"))
+    name = f"t_held_{scratch_suffix()}"
+    holder = _held_back_database(admin_kw, name)
+    released = []
+
+    def release_once_a_connect_waits():  # ask the server who waits; never a sleep deciding it
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _someone_waits_to_connect(admin_kw, name):
+            time.sleep(0.05)
+        time.sleep(2.5)  # past the first connect's timeout (2 s below): the wait path is the one tested
+        released.append(time.monotonic())
+        holder.rollback()
+
+    t = threading.Thread(target=release_once_a_connect_waits)
+    t.start()
+    try:
+        check_connection(base.set(database=name).update_query_dict({"connect_timeout": "2"}))
+        assert released, "connected before the lock was released"
+    finally:
+        t.join()
+        holder.close()
+        _drop(admin_kw, name)
+
+
+def test_a_connect_held_back_too_long_names_the_session_that_holds_it(engine, monkeypatch):
+    from helpers import database, scratch_suffix
+
+    base = database_url()
+    admin_kw = libpq_kwargs(base.set(database="postgres"))
+    name = f"t_held_{scratch_suffix()}"
+    holder = _held_back_database(admin_kw, name)
+    monkeypatch.setattr(database, "DATABASE_LOCK_WAIT", 3)
+    try:
+        with pytest.raises(WorkbookError) as err:
+            database.check_connection(base.set(database=name).update_query_dict({"connect_timeout": "2"}))
+        msg = str(err.value)
+        assert f"session {holder.info.backend_pid} holds a lock" in msg and "ALTER DATABASE" in msg, msg
+        assert "did not answer as a PostgreSQL server" not in msg
+    finally:
+        holder.rollback()
+        holder.close()
+        _drop(admin_kw, name)
