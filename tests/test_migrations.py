@@ -243,3 +243,49 @@ def test_squawk_on_the_sql_the_revisions_really_send(migtest):
     unsafe = migrate.squawk("SET lock_timeout = '100ms';\nALTER TABLE users ALTER COLUMN full_name SET NOT NULL;\n")
     assert "adding-not-nullable-field" in set(unsafe["rule"])
     command.downgrade(cfg, "base")
+
+
+def test_the_0008_backfill_resumes_after_a_failure_mid_way_and_keeps_what_committed(migtest):
+    """A batch that fails (here a trigger raising on one row: a crash, a kill, a deploy cut short) leaves
+    the batches before it committed and the revision unstamped; the next ``upgrade`` goes on from there
+    and never rewrites a row already filled (same row versions before and after)."""
+    cfg = alembic_config(migtest)
+    cfg.attributes["batch_size"] = 200
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0001")
+    with migtest.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (id, email, name, region, country, attributes) "
+                "SELECT g, 'u' || g || '@x', 'User ' || g, 'eu', 'de', '{}' FROM generate_series(1, 1200) g"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE FUNCTION fail_on_900() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.id = 900 AND NEW.full_name IS NOT NULL THEN RAISE EXCEPTION 'a failure mid-backfill'; END IF; "
+                "RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            text("CREATE TRIGGER fail_on_900 BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION fail_on_900()")
+        )
+    command.upgrade(cfg, "0007")
+    with pytest.raises(Exception, match="a failure mid-backfill"):
+        command.upgrade(cfg, "0008")
+    assert current_revision(migtest) == "0007", "a revision that failed is not stamped"
+    filled = "SELECT min(id), max(id), count(*) FROM users WHERE full_name IS NOT NULL"
+    versions = "SELECT id, xmin::text FROM users WHERE full_name IS NOT NULL ORDER BY id"
+    with migtest.connect() as conn:
+        assert tuple(conn.execute(text(filled)).one()) == (1, 800, 800)  # batches [1, 201) .. [601, 801) committed
+        before = conn.execute(text(versions)).all()
+    with migtest.begin() as conn:
+        conn.execute(text("DROP TRIGGER fail_on_900 ON users"))
+        conn.execute(text("DROP FUNCTION fail_on_900()"))
+    command.upgrade(cfg, "0008")  # the same revision again: it goes on from the first NULL
+    assert current_revision(migtest) == "0008"
+    with migtest.connect() as conn:
+        assert tuple(conn.execute(text(filled)).one()) == (1, 1200, 1200)
+        after = conn.execute(text(versions)).all()
+    assert after[:800] == before, "the resumed backfill rewrote rows the first run had filled"
+    command.downgrade(cfg, "base")
