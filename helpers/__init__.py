@@ -84,6 +84,7 @@ _LAZY = {
     "pool_metrics": "helpers.exporter",
     "metrics_text": "helpers.exporter",
     "parse_metrics": "helpers.exporter",
+    "serve_in_workers": "helpers.exporter",  # chapter 09: worker processes, each with its own registry
 }
 
 

@@ -10,15 +10,19 @@ chapters (or two tests) in one process never see each other's samples.
   ``monitoring.QueryMetricsMiddleware(on_request=exporter.observe)``.
 * ``pool_metrics`` / ``metrics_text`` / ``parse_metrics``: chapter 05's short form (a registry with
   the pool only; its text exposition; the text parsed back into ``{'name{labels}': value}``).
+* ``serve_in_workers``: chapter 09's several worker processes (as gunicorn runs an app), each with
+  an ``Exporter`` of its own, optionally in prometheus_client's multiprocess mode.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import pandas as pd
 from sqlalchemy import Engine
 
+from .config import WorkbookError
 from .pooling import pool_status
 
 DEFAULT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)
@@ -135,3 +139,94 @@ def parse_metrics(text_format: str) -> dict:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}"] = s.value
     return out
+
+
+def _serve_in_worker(url: str, path: str, requests: int, multiproc_dir: str | None, out) -> None:
+    """One worker process (spawned: a fresh interpreter, as a gunicorn worker's app is its own)."""
+    from prometheus_client import values
+
+    assert (values.ValueClass is not values.MutexValue) == bool(multiproc_dir), "the worker's mode"
+    from sqlalchemy import create_engine
+
+    from . import monitoring as mon
+
+    engine = create_engine(url, pool_size=1)
+    exporter = Exporter(requests=True)
+    app = mon.QueryMetricsMiddleware(mon.blog_app(engine), engine, on_request=exporter.observe)
+    try:
+        for _ in range(requests):
+            mon.wsgi_get(app, path)
+        own = exporter.samples()  # what this worker's own /metrics would serve
+    finally:
+        app.close()
+        engine.dispose()
+
+    def total(name: str) -> int:
+        return int(own.loc[own["name"] == name, "value"].sum())
+
+    out.put(
+        {
+            "pid": os.getpid(),
+            "requests": total("app_requests_total"),
+            "statements": total("app_db_statements_total"),
+        }
+    )
+
+
+def serve_in_workers(
+    engine: Engine, path: str, *, workers: int = 2, requests: int = 10, multiproc_dir: str | None = None
+) -> list[dict]:
+    """Serve ``requests`` GETs of ``path`` in each of ``workers`` processes; each worker's own view of its metrics.
+
+    Each worker runs the blog app behind ``monitoring.QueryMetricsMiddleware`` with an ``Exporter`` of
+    its own on its own engine, as a gunicorn worker would. With ``multiproc_dir``, every worker runs
+    in prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the import) and
+    writes its samples to files there, which ``MultiProcessCollector`` sums. Returns, per worker, its
+    pid and the request and statement totals its own registry reports. Every wait is bounded (2 min).
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    url = engine.url.render_as_string(hide_password=False)
+    procs = [
+        ctx.Process(target=_serve_in_worker, args=(url, path, requests, multiproc_dir, out), daemon=True)
+        for _ in range(workers)
+    ]
+    # The workers' environment, as a start-up script sets it (prometheus_client's advice): the variable
+    # must be there before the library is imported, and a spawned worker imports it while unpickling.
+    key, before = "PROMETHEUS_MULTIPROC_DIR", os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    try:
+        if multiproc_dir:
+            os.environ[key] = multiproc_dir
+        else:
+            os.environ.pop(key, None)
+        for p in procs:
+            p.start()
+    finally:  # this process's own environment as it was
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    import queue
+    import time
+
+    results: list[dict] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(results) < workers:
+            try:
+                results.append(out.get(timeout=0.5))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise WorkbookError(
+                        f"{len(results)} of {workers} worker processes reported (exit codes {dead}, "
+                        "waited at most 120 s): their error is printed above."
+                    ) from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return sorted(results, key=lambda r: r["pid"])
