@@ -4,7 +4,7 @@ Each judge works in this kernel's scratch schema (``lab_schema(engine, "ex03")``
 ``finally``); the learner's SQL names its tables bare (``items``, ``jobs``), as the judge's
 transactions put ``search_path`` on that schema. The interleaving is forced without a timer: a
 worker's ``between()`` returns only once every other worker has reached it too, has finished, or is
-waiting for a lock (``pg_blocking_pids``), as chapter 03's scheduler decides; chapter 03b's exercises
+waiting for a lock (``pg_blocking_pids``), as the chapter's ``Scenario`` scheduler decides; chapter 03b's exercises
 force theirs with the same ``_Interleaving``. A judge measures rows and SQLSTATEs, never a timing.
 """
 
