@@ -2,7 +2,7 @@
 
 ``locks()`` lists the locks of some backends (or on one relation), ``blocking()`` lists backends
 with the pids blocking them, ``strongest()`` picks the strongest table-lock mode from a list.
-The lock conflict measurements of chapter 03 live here too, below the views.
+The lock conflict measurements of chapter 03b live here too, below the views.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def lock_sql(mode: str) -> str:
     return " ".join(words).upper()
 
 
-# -- measured lock conflicts (chapter 03) --------------------------------------------------------------
+# -- measured lock conflicts (chapter 03b) ------------------------------------------------------------
 
 
 def _conflicts(database: str | None, setup: list[str], hold, request, modes: list[str]) -> pd.DataFrame:

@@ -58,7 +58,7 @@ def test_compare_results_command_exits_1_on_a_flipped_ordering_and_0_on_agreemen
 
 def test_two_kernels_recording_one_topic_at_once_each_replace_it_whole(tmp_path, engine, monkeypatch):
     """Two learners sharing one output folder: the old fixed ``<topic>.json.tmp`` let one kernel
-    rename the other's temporary file away (FileNotFoundError in chapter 03, run twice at once)."""
+    rename the other's temporary file away (FileNotFoundError in chapter 03, now 03b, run twice at once)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from helpers import record

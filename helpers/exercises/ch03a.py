@@ -1,11 +1,11 @@
-"""Exercises of chapter 03 (transactions and locking): the learner's transaction code, run in several sessions.
+"""Exercises of chapter 03a (transactions and lost updates): the learner's transaction code, run in several sessions.
 
 Each judge works in this kernel's scratch schema (``lab_schema(engine, "ex03")``, dropped in a
 ``finally``); the learner's SQL names its tables bare (``items``, ``jobs``), as the judge's
 transactions put ``search_path`` on that schema. The interleaving is forced without a timer: a
 worker's ``between()`` returns only once every other worker has reached it too, has finished, or is
-waiting for a lock (``pg_blocking_pids``), as chapter 03's scheduler decides. A judge measures rows
-and SQLSTATEs, never a timing.
+waiting for a lock (``pg_blocking_pids``), as the chapter's ``Scenario`` scheduler decides; chapter 03b's exercises
+force theirs with the same ``_Interleaving``. A judge measures rows and SQLSTATEs, never a timing.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def _namespace() -> dict:
     return {"text": text}
 
 
-def _scratch(engine, statements: list[str]) -> str:
-    schema = lab_schema(engine, "ex03")
+def _scratch(engine, statements: list[str], name: str = "ex03") -> str:
+    schema = lab_schema(engine, name)
     with engine.begin() as conn, bounded(conn, "creating the exercise's table"):
         conn.execute(_PATH, {"s": schema})
         for stmt in statements:
@@ -104,7 +104,7 @@ def wrong_sell(conn, between):
 
 
 @exercise(
-    "03",
+    "03a",
     "locking_no_lost_update",
     "No lost update under a forced interleaving",
     solution=solution_sell,
@@ -158,7 +158,7 @@ def wrong_claim(conn):
 
 
 @exercise(
-    "03",
+    "03a",
     "locking_claim_a_job",
     "Claim a job, never twice",
     solution=solution_claim,
