@@ -103,11 +103,12 @@ def judge_fk_index(answer, engine: Engine):
         lab.dispose()
         drop_lab_schema(engine, schema)
     scan = read.scans.iloc[0]
+    indexes = sorted({str(i) for i in read.nodes["index"].dropna()})  # a bitmap scan names it on its child
     measured = {
         "users_deleted": deleted,
         "comments_seq_scans_during_delete": after - before,
         "read_node": scan["node_type"],
-        "read_index": scan["index"] if isinstance(scan["index"], str) else None,
+        "read_indexes": indexes,
     }
     problems = []
     if after - before:
@@ -115,14 +116,14 @@ def judge_fk_index(answer, engine: Engine):
             f"deleting {deleted} users scanned comments_fk sequentially {after - before} times "
             "(the ON DELETE CASCADE trigger, once per user)"
         )
-    if scan["node_type"] == "Seq Scan":
-        problems.append("one user's comments are read with a Seq Scan of comments_fk")
+    if scan["node_type"] == "Seq Scan" or not indexes:
+        problems.append(f"one user's comments are read with a {scan['node_type']} of comments_fk, not an index")
     if problems:
         return False, "; ".join(problems) + ".", measured
     return (
         True,
         f"{deleted} users deleted with no sequential scan of comments_fk; one user's comments through "
-        f"{measured['read_index']} ({scan['node_type']}).",
+        f"{', '.join(indexes)} ({scan['node_type']}).",
         measured,
     )
 
