@@ -53,7 +53,7 @@ def test_where_shows_the_servers_changed_settings_and_the_readme_lists_each(engi
     from helpers import where
 
     changed = where()["settings"]
-    assert changed["shared_buffers"] == "256MB" and changed["work_mem"] == "16MB"  # chapter 02's plans depend on them
+    assert changed["shared_buffers"] == "256MB" and changed["work_mem"] == "16MB"  # chapters 02a, 02b rely on them
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     unlisted = [name for name in changed if f"`{name.lower()} = " not in readme.lower()]
     assert not unlisted, f"where() shows settings the README does not list: {unlisted}"

@@ -169,7 +169,7 @@ def test_the_shipped_github_workflow_is_valid_and_every_job_has_a_timeout():
 
 
 def test_docker_compose_runs_postgresql_with_the_embedded_servers_plan_settings():
-    """Plans in chapter 02 depend on shared_buffers and work_mem: a Docker learner must get the same."""
+    """Plans in chapters 02a and 02b depend on shared_buffers and work_mem: a Docker learner must get the same."""
     import inspect
 
     from helpers import server

@@ -1,4 +1,4 @@
-"""Exercises of chapter 02 (EXPLAIN and indexes): checkers that read the plan, and reference solutions.
+"""Exercises of chapter 02a (reading plans and designing indexes): checkers that read the plan, and reference solutions.
 
 Each judge builds its own small table in a scratch schema of this process (``lab_schema``), runs
 the learner's answer against it, reads the plan of ``EXPLAIN (ANALYZE, BUFFERS)`` and drops the
@@ -111,7 +111,7 @@ def judge_index_only(answer, engine: Engine):
 
 
 exercise(
-    "02",
+    "02a",
     "explain_index_only",
     f"An Index Only Scan for sum(amount) of accounts {IOS_RANGE['lo']}-{IOS_RANGE['hi']}, "
     f"under {IOS_MAX_BUFFERS} shared buffers",
@@ -184,7 +184,7 @@ def judge_one_day(answer, engine: Engine):
 
 
 exercise(
-    "02",
+    "02a",
     "explain_sargable",
     f"The events of {DAY} through the index on created_at (a sargable predicate)",
     solution=solution_one_day,
