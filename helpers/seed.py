@@ -33,7 +33,6 @@ from .dataset import (
     LOADS,
     Load,  # noqa: F401 - read as seed.Load (tests give a table another load)
     _select_sql,
-    _u,  # noqa: F401 - chapter 02's old import, until it takes helpers.uniform_sql
 )
 from .ownership import (
     MARKER_TABLE,
