@@ -1,30 +1,36 @@
-"""Exercises of chapter 07 (raw SQL vs ORM): a report in one statement, and a restock upsert in one round trip.
+"""Exercises of chapter 07a (reports in SQL and the ORM): a report in one statement, and a sort chosen by the caller, safely.
 
-Each judge counts the statements the answer sends (``count_queries``) and compares its rows with
-the reference solution's: deterministic, so the verdict repeats. The upsert judge writes only to a
-scratch schema of its own (``wb_rawsql_ex_<kernel>``), dropped in a ``finally``.
+Each judge counts the statements the answer sends and compares its rows with the reference
+solution's: deterministic, so the verdict repeats. The sort judge sends its hostile inputs in a
+session it rolls back, and counts every statement the answer tries to send (a statement the server
+refuses counts too). Neither writes.
 """
 
 from __future__ import annotations
 
 import sys
 
-from sqlalchemy import Engine, func, insert, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Engine, event, func, literal_column, select
 from sqlalchemy.orm import Session
 
-from .. import models, rawsql
+from .. import models
 from ..counting import count_queries
-from ..scratch import drop_lab_schema
 from ..waits import bounded
 from . import exercise
 
 User, Order = models.User, models.Order
-Stock = rawsql.Stock
 
-#: exercise 2's shelf: 200 SKUs in stock, and a delivery of 200 lines, half of them for SKUs already there
-SHELF = [{"sku": f"SKU-{i:04d}", "qty": i % 7} for i in range(1, 201)]
-DELIVERY = [{"sku": f"SKU-{i:04d}", "qty": 1 + i % 5} for i in range(101, 301)]
+#: exercise 2: the choices an honest caller has, and what an attacker sends instead (none of them writes)
+SORTS = ("total", "status", "created_at")
+DIRECTIONS = ("asc", "desc")
+HOSTILE = [
+    ("total; SELECT email FROM users", "asc"),  # a stacked statement
+    ("(SELECT max(email) FROM users)", "asc"),  # a subquery that reads another table
+    ("password", "asc"),  # not a column the caller may see
+    (None, "asc"),
+    ("total", "desc, (SELECT max(email) FROM users)"),  # the direction is an identifier too
+    ("total", "sideways"),
+]
 
 
 # ----------------------------------------------------------------------------- exercise 1: a report in one statement
@@ -58,7 +64,7 @@ def wrong_busiest_per_region(session: Session) -> list[tuple]:
     return out
 
 
-_reference: dict[str, list] = {}
+_reference: dict = {}  # the reference's rows, per database (computed once)
 
 
 def _busiest_reference(engine: Engine) -> list[tuple]:
@@ -70,7 +76,7 @@ def _busiest_reference(engine: Engine) -> list[tuple]:
 
 
 @exercise(
-    "07",
+    "07a",
     "rawsql_busiest_per_region",
     "The report in one statement: each region's customer with the most orders",
     solution=solution_busiest_per_region,
@@ -95,71 +101,105 @@ def judge_busiest_per_region(answer, engine: Engine):
     return True, f"1 statement, {len(got)} rows, the same as the reference.", measured
 
 
-# ----------------------------------------------------------------------------- exercise 2: an upsert in one round trip
-def solution_restock(conn, delivery: list[dict]) -> None:
-    """Add each delivered quantity to the SKU's stock, inserting new SKUs: one INSERT ... ON CONFLICT DO UPDATE."""
-    stmt = pg_insert(Stock).values(delivery)
-    stmt = stmt.on_conflict_do_update(index_elements=[Stock.sku], set_={"qty": Stock.qty + stmt.excluded.qty})
-    conn.execute(stmt)
+# ----------------------------------------------------------------------------- exercise 2: a sort the caller picks
+def solution_orders_sorted(session: Session, sort: str, direction: str = "asc") -> list[int]:
+    """The first 10 order ids by the caller's column and direction: words mapped through allow-lists to SQL."""
+    sortable = {"total": Order.total, "status": Order.status, "created_at": Order.created_at}
+    column = sortable.get(sort) if isinstance(sort, str) else None
+    if column is None or direction not in ("asc", "desc"):
+        raise ValueError(f"cannot sort by {sort!r} {direction!r}: choose one of {sorted(sortable)}, asc or desc")
+    order = column.desc() if direction == "desc" else column.asc()
+    return session.scalars(select(Order.id).order_by(order, Order.id).limit(10)).all()
 
 
-def wrong_restock(conn, delivery: list[dict]) -> None:
-    """Plausible but wrong: one statement, but the delivery overwrites the stock instead of adding to it."""
-    stmt = pg_insert(Stock).values(delivery)
-    stmt = stmt.on_conflict_do_update(index_elements=[Stock.sku], set_={"qty": stmt.excluded.qty})
-    conn.execute(stmt)
+def wrong_orders_sorted(session: Session, sort: str, direction: str = "asc") -> list[int]:
+    """Plausible but wrong: right for every honest caller, but the caller's word becomes SQL verbatim."""
+    column = literal_column(sort)  # the wrong answer: any text the caller sends is pasted into ORDER BY
+    order = column.desc() if direction == "desc" else column.asc()
+    return session.scalars(select(Order.id).order_by(order, Order.id).limit(10)).all()
 
 
-def _expected_shelf() -> list[tuple]:
-    shelf = {r["sku"]: r["qty"] for r in SHELF}
-    for r in DELIVERY:
-        shelf[r["sku"]] = shelf.get(r["sku"], 0) + r["qty"]
-    return sorted(shelf.items())
+def _sorted_reference(engine: Engine) -> dict[tuple[str, str], list[int]]:
+    key = ("sorted", engine.url.render_as_string(hide_password=True))
+    if key not in _reference:
+        with Session(engine) as session:
+            _reference[key] = {(s, d): list(solution_orders_sorted(session, s, d)) for s in SORTS for d in DIRECTIONS}
+    return _reference[key]
 
 
 @exercise(
-    "07",
-    "rawsql_restock_upsert",
-    "Restock in one round trip: add a delivery to the stock, new SKUs inserted",
-    solution=solution_restock,
-    wrong=wrong_restock,
-    hint="one pg_insert(Stock).values(delivery).on_conflict_do_update(index_elements=[Stock.sku], set_=...) "
-    "where set_ adds the delivered quantity: Stock.qty + stmt.excluded.qty.",
+    "07a",
+    "rawsql_sort_allow_list",
+    "A sort the caller picks: only allowed columns and directions, refused before any SQL is sent",
+    solution=solution_orders_sorted,
+    wrong=wrong_orders_sorted,
+    hint="a bound parameter is a value, never a column, and text pasted into SQL is the attacker's: map the "
+    "caller's word through a dict to a Column (Order.total, ...), pick .asc() or .desc() the same way, "
+    "and raise ValueError for anything else before building the statement.",
     namespace=lambda: names(),
 )
-def judge_restock(answer, engine: Engine):
-    scratch = rawsql.scratch_engine(engine, "rawsql_ex")
-    schema = rawsql.schema_of(scratch)
+def judge_sort_allow_list(answer, engine: Engine):
+    expected = _sorted_reference(engine)
+    wrong_rows = []
+    for (sort, direction), ids in expected.items():
+        with Session(engine) as session:
+            if list(answer(session, sort, direction)) != ids:
+                wrong_rows.append(f"{sort} {direction}")
+    tried: list[str] = []  # every statement the answer tries to send, the ones the server refuses too
+
+    def tries(conn, cursor, statement, parameters, context, executemany):
+        tried.append(statement)
+
+    not_refused, sent = [], 0
+    event.listen(engine, "before_cursor_execute", tries)
     try:
-        with scratch.begin() as conn, bounded(conn, "setting up the restock exercise's shelf"):
-            Stock.__table__.drop(conn, checkfirst=True)
-            Stock.__table__.create(conn)
-            conn.execute(insert(Stock), SHELF)
-        with scratch.begin() as conn, count_queries(scratch) as log:
-            answer(conn, [dict(r) for r in DELIVERY])
-        with scratch.connect() as conn:
-            got = [tuple(r) for r in conn.execute(select(Stock.sku, Stock.qty).order_by(Stock.sku))]
+        for sort, direction in HOSTILE:
+            # closed without a commit: rolled back, whatever the answer sent; every wait bounded
+            with (
+                Session(engine) as session,
+                bounded(session, "the sort exercise's hostile inputs", statement_timeout="5s"),
+            ):
+                before = len(tried)  # bounded's own statements are not the answer's
+                try:
+                    answer(session, sort, direction)
+                    raised = None
+                except ValueError:
+                    raised = ValueError
+                except Exception as exc:  # noqa: BLE001 - the server (or the library) refused it, not the answer
+                    raised = type(exc)
+                mine = len(tried) - before
+            sent += mine
+            if raised is not ValueError or mine:
+                not_refused.append(repr(sort) if direction in DIRECTIONS else f"direction {direction!r}")
     finally:
-        drop_lab_schema(engine, schema)
-    expected = _expected_shelf()
-    same = got == expected
-    wrong_rows = sum(1 for a, b in zip(got, expected, strict=False) if a != b) + abs(len(got) - len(expected))
-    measured = {"statements": log.count, "rows": len(got), "rows_wrong": wrong_rows, "same_rows": same}
+        event.remove(engine, "before_cursor_execute", tries)
+    measured = {
+        "valid_right": len(expected) - len(wrong_rows),
+        "hostile_refused": len(HOSTILE) - len(not_refused),
+        "hostile_statements": sent,
+    }
     problems = []
-    if not same:
-        problems.append(f"{wrong_rows} of {len(expected)} SKUs end with the wrong quantity")
-    if log.count != 1:
-        problems.append(f"{log.count} statements sent, exactly 1 wanted")
+    if wrong_rows:
+        problems.append(f"wrong ids for {len(wrong_rows)} of {len(expected)} honest choices ({', '.join(wrong_rows)})")
+    if not_refused:
+        problems.append(
+            f"{len(not_refused)} of {len(HOSTILE)} hostile inputs were not refused with a ValueError before any SQL "
+            f"was sent ({', '.join(not_refused)})"
+        )
     if problems:
         return False, "; ".join(problems) + ".", measured
-    return True, f"1 statement; all {len(got)} SKUs hold the right quantity.", measured
+    return (
+        True,
+        f"all {len(expected)} honest choices right; all {len(HOSTILE)} hostile inputs refused, no SQL sent.",
+        measured,
+    )
 
 
 def names() -> dict:
     """The names a starter cell may use (what the notebook imported)."""
     import sqlalchemy
 
-    ns = {"User": User, "Order": Order, "Stock": Stock, "Session": Session, "pg_insert": pg_insert}
+    ns = {"User": User, "Order": Order, "Session": Session}
     ns.update({n: getattr(sqlalchemy, n) for n in ("select", "func", "insert", "update", "text")})
     ns["exercises"] = sys.modules[__package__]
     return ns
