@@ -1,7 +1,7 @@
-"""Bulk-load instruments (chapter 07): reset the target table, the rows to write, a sweep over sizes, rates and peak memory.
+"""Bulk-load instruments (chapter 07b): reset the target table, the rows to write, a sweep over sizes, rates and peak memory.
 
 The bulk methods themselves (ORM ``add_all`` ... COPY, the set-based updates, the read strategies)
-are the chapter's lesson and live in its cells; each is a function ``fn(engine, n)``, in the
+are chapter 07b's lesson and live in its cells; each is a function ``fn(engine, n)``, in the
 spirit of SQLAlchemy's ``examples/performance``. This module times them (``sweep``: ``measure``
 at each size, with a progress bar), prepares their target (``truncate_items``, ``fill_items``
 on the scratch table ``rawsql.Item``) and measures what they cost (``rows_per_s``, ``peak_memory``).

@@ -1,9 +1,9 @@
-"""Chapter 07's lab and its statement instruments: the scratch tables, what a statement compiles to, plans, prepared statements.
+"""Chapters 07a and 07b's lab and its statement instruments: the scratch tables, what a statement compiles to, plans, prepared statements.
 
-The chapter's lessons (the report three ways, the injection demo, the allow-list, the bulk
-methods) live in its cells; this module holds what they write to and what measures them:
+The lessons (07a's report three ways, injection demo and allow-list; 07b's bulk methods) live in
+the chapters' cells; this module holds what they write to and what measures them:
 
-- the scratch tables of the chapter (``Item``, ``Note``, ``Stock``, ``Event``), declared in the
+- the scratch tables of the chapters (``Note`` in 07a; ``Item``, ``Stock``, ``Event`` in 07b), declared in the
   placeholder schema ``wb_rawsql`` and translated to this kernel's ``wb_<name>_<kernel>`` by
   ``scratch_engine`` (the seeded tables are only read);
 - ``sql_of`` (the SQL a construct sends), ``explain_lines`` (its plan, parameters bound) and
