@@ -17,7 +17,7 @@ PG15_BIN ?= /usr/lib/postgresql/15/bin
 export PLOOMBER_STATS_ENABLED := false
 NBMAKE := --nbmake --nbmake-timeout=300
 # chapters whose behaviour depends on the server's major version (plans, transaction_timeout, DDL locks, RETURNING old/new)
-VERSIONED := notebooks/02_explain_and_indexes.ipynb notebooks/03_transactions_and_locking.ipynb notebooks/06_zero_downtime_migrations.ipynb notebooks/07_raw_sql_vs_orm.ipynb
+VERSIONED := notebooks/02a_reading_plans_and_indexes.ipynb notebooks/02b_joins_statistics_and_query_shapes.ipynb notebooks/03a_transactions_and_lost_updates.ipynb notebooks/03b_deadlocks_and_lock_conflicts.ipynb notebooks/06_zero_downtime_migrations.ipynb notebooks/07a_reports_in_sql_and_orm.ipynb notebooks/07b_bulk_writes_and_big_reads.ipynb
 
 .PHONY: help venv run lab test test-unit test-browser test-pg15 lint db-start db-stop db-status db-log reset seed bench clean distclean lock
 

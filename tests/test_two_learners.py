@@ -2,7 +2,7 @@
 
 Scratch schemas, clone databases and roles carry a suffix unique to the process; a process drops only
 what it can prove it created; ``reset`` removes the leftovers of kernels that are gone and keeps those
-of live ones. The slow test runs chapters 02 and 03 twice at once, as two trainees would.
+of live ones. The slow test runs chapters 02a and 03b (the halves with code shared across kernels) twice at once, as two trainees would.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def test_two_kernels_making_the_shared_template_at_once(engine):
 
 
 # ----------------------------------------------------------------------------- two trainees, one database
-CHAPTERS = ["02_explain_and_indexes.ipynb", "03_transactions_and_locking.ipynb"]
+CHAPTERS = ["02a_reading_plans_and_indexes.ipynb", "03b_deadlocks_and_lock_conflicts.ipynb"]  # the halves with cross-kernel code
 NB_TIMEOUT = 1500  # per notebook: two kernels share 2 cores with other people's work
 
 
