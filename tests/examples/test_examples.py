@@ -143,3 +143,12 @@ def test_atomic_decrement_waits_and_loses_no_update(test_engine):
     tr = sc.run(["b1", "b2", "u1", "u2", "c1", "c2"])
     assert tr.waited("u2") and not tr.waited("u1")
     assert (tr.value("u1"), tr.value("u2")) == (9, 8)  # T2 re-read the row after T1 committed: nothing lost
+
+
+@pytest.mark.anyio
+async def test_async_commit_only_releases_a_savepoint(async_session, test_engine):
+    async_session.add(models.User(email="async@example.test", name="Async", region="eu", country="DE", attributes={}))
+    await async_session.commit()  # RELEASE SAVEPOINT: the fixture's outer transaction stays open
+    assert await async_session.scalar(select(func.count()).select_from(models.User)) == 1
+    with test_engine.connect() as other:  # another connection sees nothing: the "commit" was no commit
+        assert other.scalar(select(func.count()).select_from(models.User)) == 0
