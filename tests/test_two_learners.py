@@ -242,7 +242,10 @@ def test_two_kernels_making_the_shared_template_at_once(engine):
 
 
 # ----------------------------------------------------------------------------- two trainees, one database
-CHAPTERS = ["02a_reading_plans_and_indexes.ipynb", "03b_deadlocks_and_lock_conflicts.ipynb"]  # the halves with cross-kernel code
+CHAPTERS = [
+    "02a_reading_plans_and_indexes.ipynb",
+    "03b_deadlocks_and_lock_conflicts.ipynb",
+]  # the halves with cross-kernel code
 NB_TIMEOUT = 1500  # per notebook: two kernels share 2 cores with other people's work
 
 
