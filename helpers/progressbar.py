@@ -22,6 +22,13 @@ def headless() -> bool:
     return os.environ.get(HEADLESS_ENV) == "1"
 
 
+def _plural(unit: str) -> str:
+    """English plural of a unit for the one line: "query" -> "queries", "row" -> "rows"."""
+    if unit.endswith("y") and unit[-2:-1] not in ("a", "e", "o", "u"):
+        return unit[:-1] + "ies"
+    return unit if unit.endswith("s") else unit + "s"
+
+
 class _Line:
     """tqdm's small interface (iterate, ``update``, ``close``, ``with``), printing one line at the end."""
 
@@ -49,7 +56,7 @@ class _Line:
             self._closed = True
             if self.quiet:
                 return
-            unit = self.unit if self.n == 1 else f"{self.unit}s"
+            unit = self.unit if self.n == 1 else _plural(self.unit)
             print(f"{self.desc}: {self.n:,} {unit} in {time.perf_counter() - self._t0:.1f} s")
 
     def __enter__(self):

@@ -22,3 +22,14 @@ def test_with_a_frontend_it_is_tqdms_bar(monkeypatch):
     bar = progress(range(2), desc="x")
     assert isinstance(bar, tqdm)
     bar.close()
+
+
+def test_the_one_line_spells_the_plural_of_its_unit(monkeypatch, capsys):
+    from helpers.progressbar import HEADLESS_ENV, progress
+
+    monkeypatch.setenv(HEADLESS_ENV, "1")
+    for unit in ("selectivity", "query", "key"):
+        for _ in progress(range(2), desc="sweep", unit=unit):
+            pass
+    out = capsys.readouterr().out
+    assert "2 selectivities in" in out and "2 queries in" in out and "2 keys in" in out, out
