@@ -202,6 +202,37 @@ def _template(admin, base: URL) -> str:
     return name
 
 
+SAY_FROM_BYTES = 200 * 2**20  # a copy of a database this big takes long enough (seconds) to say what runs
+
+
+class _saying:
+    """Around a copy of ``source``: nothing for a small one; for a big one (``small``, ``large``) a line
+    before (with a frontend, where the learner waits in front of the cell) and one when done, with
+    its size and time (in a headless run only that one, as ``helpers.progress`` does)."""
+
+    def __init__(self, admin, source: str, what: str):
+        self.admin, self.source, self.what = admin, source, what
+
+    def __enter__(self):
+        from .progressbar import headless
+
+        row = self.admin.execute(
+            "SELECT pg_database_size(oid), pg_size_pretty(pg_database_size(oid)) FROM pg_database WHERE datname = %s",
+            (self.source,),
+        ).fetchone()
+        self.big = bool(row) and row[0] >= SAY_FROM_BYTES
+        self.size = row[1] if row else "?"
+        if self.big and not headless():
+            print(f"{self.what} ({self.size}) ...", flush=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.big and exc[0] is None:
+            print(f"{self.what}: {self.size} in {time.perf_counter() - self.t0:.1f} s", flush=True)
+        return False
+
+
 def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
     """A database of the kernel's own, ``<workbook db>_<suffix>_<kernel>``, holding a copy of the seeded data.
 
@@ -219,8 +250,9 @@ def clone_database(suffix: str, *, engine_kw: dict | None = None) -> Engine:
     ) as admin:
         _lock_template(admin)  # one template maker at a time, server-wide
         try:
-            template = _template(admin, base)
-            copied = _new_database(admin, name, template)
+            with _saying(admin, base.database, f"copying the seeded data into {name}"):
+                template = _template(admin, base)
+                copied = _new_database(admin, name, template)
         finally:
             admin.execute("SELECT pg_advisory_unlock(%s)", (_CLONE_LOCK,))
     engine = create_engine(base.set(database=name), **(engine_kw or {}))

@@ -138,3 +138,19 @@ def test_a_connect_held_back_too_long_names_the_session_that_holds_it(engine, mo
         holder.rollback()
         holder.close()
         _drop(admin_kw, name)
+
+
+def test_a_big_clone_says_what_it_copies_and_how_long_it_took(engine, monkeypatch, capsys):
+    from helpers import scratchdb
+    from helpers.progressbar import HEADLESS_ENV
+
+    monkeypatch.setattr(scratchdb, "SAY_FROM_BYTES", 0)  # every database is "big" here
+    monkeypatch.setenv(HEADLESS_ENV, "1")
+    clone = clone_database("t_said")
+    try:
+        out = capsys.readouterr().out
+        assert f"copying the seeded data into {database_name('t_said')}: " in out and " s\n" in out, out
+        assert "..." not in out, "a headless run prints only the line when done"
+    finally:
+        clone.dispose()
+        assert drop_database("t_said") is True
