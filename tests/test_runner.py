@@ -4,6 +4,7 @@ folder, and SIGINT/SIGTERM stop it in one line, leaving nothing the notebook mad
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ def test_run_stops_at_failure_and_names_the_cell(tmp_path, monkeypatch, capsys):
     titles = [
         nbformat.read(p, 4).cells[0].source.splitlines()[0][2:] for p in sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
     ]
-    assert all(t.replace("&", "&amp;") in index for t in titles), titles
+    assert all(html.escape(t) in index for t in titles), [t for t in titles if html.escape(t) not in index]
     assert index.count("not run in this run") == len(titles)
 
 
@@ -143,7 +144,8 @@ def test_sigint_stops_the_run_in_one_line_and_removes_what_the_notebook_made(eng
     assert "Traceback" not in out + err and not err.strip(), err
     (line,) = out.strip().splitlines()
     assert "97_interrupted.ipynb ... interrupted (SIGINT) at cell " in line, line
-    assert "database " in line and "t_runint" in line, line
+    # the clone database goes either way: the kernel drops its own at exit, or the runner drops what the run
+    # recorded (and says so); which one gets there first depends on the machine's load, so only "gone" is asserted
     assert not os.path.exists(folder), f"{folder} was left behind"
     assert not _working_in(folder), "a process of the throwaway server still runs"
     assert not _databases(r"%\_t\_runint\_%"), "the clone database was left behind"
