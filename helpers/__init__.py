@@ -72,8 +72,8 @@ _LAZY = {
     "loadgen": "helpers.loadgen",  # chapter 06: a bounded load of readers, writers and inserters
     "migrate": "helpers.migrate",  # chapter 06: the Alembic project, its SQL, squawk
     "alembic_config": "helpers.migrate",
-    "rawsql": "helpers.rawsql",  # chapter 07: scratch tables and statement instruments
-    "bulk": "helpers.bulk",  # chapter 07: bulk-load instruments
+    "rawsql": "helpers.rawsql",  # chapters 07a and 07b: scratch tables and statement instruments
+    "bulk": "helpers.bulk",  # chapter 07b: bulk-load instruments
     "monitoring": "helpers.monitoring",
     "pooling": "helpers.pooling",  # chapter 05 reads its names through the module: pooling.pool_status(...)
     "pgbouncer": "helpers.pgbouncer",

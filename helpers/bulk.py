@@ -29,7 +29,7 @@ def rows_for(n: int) -> list[dict]:
 def truncate_items(engine: Engine) -> None:
     """Empty the bulk-write target and restart its identity."""
     query = pgsql.SQL("TRUNCATE {} RESTART IDENTITY").format(qualified(engine, "items"))
-    with engine.begin() as conn, bounded(conn, "emptying chapter 07's items"):
+    with engine.begin() as conn, bounded(conn, "emptying chapter 07b's items"):
         run_composed(conn, query)
 
 

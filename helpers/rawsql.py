@@ -113,7 +113,7 @@ def run_composed(conn, query: pgsql.Composable) -> None:
 
 def create_scratch(engine: Engine) -> str:
     """Drop and re-create the scratch tables (only they) so a run starts clean; returns the schema."""
-    with engine.begin() as conn, bounded(conn, "re-creating chapter 07's scratch tables"):
+    with engine.begin() as conn, bounded(conn, "re-creating chapters 07a and 07b's scratch tables"):
         ScratchBase.metadata.drop_all(conn)
         ScratchBase.metadata.create_all(conn)
     return schema_of(engine)
@@ -130,12 +130,12 @@ def fill_events(engine: Engine, n: int) -> None:
         (g % 97 == 0, postgresql.array(["urgent", "billing"], type_=Text)),
         else_=postgresql.array(["tag-" + (g % 13).cast(Text)]),
     )
-    with engine.begin() as conn, bounded(conn, "filling chapter 07's events"):
+    with engine.begin() as conn, bounded(conn, "filling chapter 07b's events"):
         run_composed(conn, pgsql.SQL("TRUNCATE {}").format(qualified(engine, "events")))
         conn.execute(insert(t).from_select(["id", "doc", "tags"], select(g, doc, tags)))
     vacuum = pgsql.SQL("VACUUM ANALYZE {}").format(qualified(engine, "events"))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        with bounded(conn, "vacuuming chapter 07's events", session=True):
+        with bounded(conn, "vacuuming chapter 07b's events", session=True):
             run_composed(conn, vacuum)
 
 

@@ -1,7 +1,7 @@
-"""Chapter 07's instruments: the scratch tables (``helpers.rawsql``) and the bulk-load instruments (``helpers.bulk``).
+"""Chapters 07a and 07b's instruments: the scratch tables (``helpers.rawsql``) and the bulk-load instruments (``helpers.bulk``).
 
 The lessons themselves (the report three ways, the injection demo, the allow-list, the bulk methods)
-live in the notebook's cells and are proven by its asserts; the exercises by ``tests/test_exercises.py``.
+live in the notebooks' cells and are proven by their asserts; the exercises by ``tests/test_exercises.py``.
 Writes go to the scratch schema ``wb_rawsql_test_<process>`` (its own name, like every kernel's), so the
 tests and the notebook can run at the same time; the seeded tables are only read.
 """

@@ -117,7 +117,7 @@ def test_product_factory_uses_the_version_column(session):
 
 
 def test_atomic_decrement_waits_and_loses_no_update(test_engine):
-    # the session scheduler of chapters 03/04: two real sessions, the blocked step detected by the server
+    # the session scheduler of chapters 03a, 03b and 04: two real sessions, the blocked step detected by the server
     sc = Scenario(
         name="examples_decrement",
         database=test_engine.url.database,
