@@ -367,9 +367,9 @@ class _Run:
             cf.wait(unsettled, timeout=delay, return_when=cf.FIRST_COMPLETED)
             delay = min(delay * 2, 0.02)
 
-    def _cycle(self, pending) -> bool:
+    def _cycle(self, pending, blockers=None) -> bool:
         """True when the blocked steps wait for each other in a cycle (a deadlock not yet broken)."""
-        blockers = self._poll(pending)
+        blockers = self._poll(pending) if blockers is None else blockers
         graph = {
             self._sessions[r.session].pid: {
                 p for p in blockers.get(self._sessions[r.session].pid) or [] if p in self._pids
@@ -401,7 +401,21 @@ class _Run:
                 for r, _ in done:
                     self._complete(self._sessions[r.session], r.step, after)
                 continue
-            if not self._cycle(pending):
+            # one snapshot decides: a step that is neither done nor waiting on a session of the script is
+            # still running (a deadlock victim being ended, its waiter being granted): not settled yet
+            blockers = self._poll(pending)
+            running = [
+                r
+                for r, f in pending
+                if not f.done() and not any(p in self._pids for p in blockers.get(self._sessions[r.session].pid) or [])
+            ]
+            if running:
+                cf.wait([f for _, f in pending], timeout=0.02, return_when=cf.FIRST_COMPLETED)
+                if time.monotonic() > deadline:
+                    self._cancel_all()
+                    raise ScenarioError(f"scenario {self.name!r}: step {running[0].step} ran past every bound")
+                continue
+            if not self._cycle(pending, blockers):
                 return
             if time.monotonic() > deadline:
                 self._cancel_all()
