@@ -124,8 +124,9 @@ seed: venv
 	$(PY) -m helpers seed $(if $(SCALE),--scale $(SCALE),)
 reset: venv
 	$(PY) -m helpers reset $(if $(SCALE),--scale $(SCALE),)
+# the bench's record goes to bench-output/, never output/: only `make run` writes output/
 bench: venv
-	$(PY) -m helpers bench seed --scale $(or $(SCALE),ci)
+	WORKBOOK_OUTPUT=$(CURDIR)/bench-output $(PY) -m helpers bench seed --scale $(or $(SCALE),ci)
 
 lock: venv
 	$(PY) -m pip install --quiet -r requirements.in
