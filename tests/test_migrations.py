@@ -37,6 +37,19 @@ def user_tables(engine) -> set[str]:
     return set(inspect(engine).get_table_names())
 
 
+def _users_at_0001(cfg, engine, n: int = 1200) -> None:
+    """Upgrade to 0001 and give it ``n`` users (ids 1..n, ``name`` set): enough rows for the backfills' batches."""
+    command.upgrade(cfg, "0001")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (id, email, name, region, country, attributes) "
+                "SELECT g, 'u' || g || '@x', 'User ' || g, 'eu', 'de', '{}' FROM generate_series(1, :n) g"
+            ),
+            {"n": n},
+        )
+
+
 def test_round_trip_upgrade_downgrade_upgrade(migtest):
     cfg = alembic_config(migtest)
     head = ScriptDirectory.from_config(cfg).get_current_head()
@@ -104,14 +117,7 @@ def test_revision_1_matches_the_models(migtest):
 def test_expand_contract_keeps_the_data_both_ways(migtest):
     cfg = alembic_config(migtest)
     command.downgrade(cfg, "base")
-    command.upgrade(cfg, "0001")
-    with migtest.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO users (id, email, name, region, country, attributes) "
-                "SELECT g, 'u' || g || '@x', 'User ' || g, 'eu', 'de', '{}' FROM generate_series(1, 1200) g"
-            )
-        )
+    _users_at_0001(cfg, migtest)
     command.upgrade(cfg, "0008")  # expand: both columns, the trigger keeps them equal
     with migtest.begin() as conn:
         conn.execute(text("UPDATE users SET name = 'old code' WHERE id = 1"))
@@ -252,14 +258,8 @@ def test_the_0008_backfill_resumes_after_a_failure_mid_way_and_keeps_what_commit
     cfg = alembic_config(migtest)
     cfg.attributes["batch_size"] = 200
     command.downgrade(cfg, "base")
-    command.upgrade(cfg, "0001")
+    _users_at_0001(cfg, migtest)
     with migtest.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO users (id, email, name, region, country, attributes) "
-                "SELECT g, 'u' || g || '@x', 'User ' || g, 'eu', 'de', '{}' FROM generate_series(1, 1200) g"
-            )
-        )
         conn.execute(
             text(
                 "CREATE FUNCTION fail_on_900() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "

@@ -37,6 +37,13 @@ DELIVERY = [{"sku": f"SKU-{i:04d}", "qty": 1 + i % 5} for i in range(101, 301)]
 
 
 # ----------------------------------------------------------------------------- exercise 1: a bulk update in one statement
+
+
+def _rows_off(got: list, expected: list) -> int:
+    """How many rows differ from the expected ones, position by position, plus the missing or extra ones."""
+    return sum(1 for a, b in zip(got, expected, strict=False) if a != b) + abs(len(got) - len(expected))
+
+
 def solution_reprice(conn, prices: list[dict]) -> None:
     """Set each item's value: one UPDATE ... FROM unnest(:ids, :vals), two array parameters at any length."""
     items = Item.__table__
@@ -91,7 +98,7 @@ def judge_reprice(answer, engine: Engine):
     finally:
         drop_lab_schema(engine, schema)
     expected = _expected_items()
-    wrong_rows = sum(1 for a, b in zip(got, expected, strict=False) if a != b) + abs(len(got) - len(expected))
+    wrong_rows = _rows_off(got, expected)
     texts = {n: [s.sql for s in log.statements] for n, log in logs.items()}
     measured = {
         "statements": {str(n): log.count for n, log in logs.items()},
@@ -163,7 +170,7 @@ def judge_restock(answer, engine: Engine):
         drop_lab_schema(engine, schema)
     expected = _expected_shelf()
     same = got == expected
-    wrong_rows = sum(1 for a, b in zip(got, expected, strict=False) if a != b) + abs(len(got) - len(expected))
+    wrong_rows = _rows_off(got, expected)
     measured = {"statements": log.count, "rows": len(got), "rows_wrong": wrong_rows, "same_rows": same}
     problems = []
     if not same:
