@@ -71,15 +71,14 @@ def _held_back_database(admin_kw: dict, name: str):
     return holder
 
 
-def _someone_waits_to_connect(admin_kw: dict, name: str) -> bool:
+def _waiting_to_connect(admin_kw: dict, name: str) -> int:
+    """Backends waiting in their startup for the lock on database ``name`` (each connect attempt leaves one)."""
     with psycopg.connect(**admin_kw, autocommit=True) as conn:
-        return bool(
-            conn.execute(
-                "SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.objid WHERE l.locktype = 'object' "
-                "AND l.classid = 'pg_database'::regclass AND NOT l.granted AND d.datname = %s",
-                (name,),
-            ).fetchone()
-        )
+        return conn.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.objid WHERE l.locktype = 'object' "
+            "AND l.classid = 'pg_database'::regclass AND NOT l.granted AND d.datname = %s",
+            (name,),
+        ).fetchone()[0]
 
 
 def _drop(admin_kw: dict, name: str) -> None:
@@ -101,19 +100,20 @@ def test_a_connect_held_back_by_a_lock_on_its_database_waits_for_it_then_connect
     holder = _held_back_database(admin_kw, name)
     released = []
 
-    def release_once_a_connect_waits():  # ask the server who waits; never a sleep deciding it
+    def release_once_a_second_connect_waits():  # asked of the server, never decided by a sleep
+        # the first connect times out (2 s below) and its backend stays queued; a second waiting backend is
+        # check_connection connecting again behind the lock: the path this test is about
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not _someone_waits_to_connect(admin_kw, name):
-            time.sleep(0.05)
-        time.sleep(2.5)  # past the first connect's timeout (2 s below): the wait path is the one tested
-        released.append(time.monotonic())
+        while time.monotonic() < deadline and _waiting_to_connect(admin_kw, name) < 2:
+            time.sleep(0.05)  # a poll, bounded by the deadline
+        released.append(_waiting_to_connect(admin_kw, name))
         holder.rollback()
 
-    t = threading.Thread(target=release_once_a_connect_waits)
+    t = threading.Thread(target=release_once_a_second_connect_waits)
     t.start()
     try:
         check_connection(base.set(database=name).update_query_dict({"connect_timeout": "2"}))
-        assert released, "connected before the lock was released"
+        assert released and released[0] >= 2, f"no second connect waited behind the lock: {released}"
     finally:
         t.join()
         holder.close()
